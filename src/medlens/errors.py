@@ -1,0 +1,49 @@
+"""Typed errors. Every message says what went wrong and what to do about it.
+
+The CLI and the API turn any `MedLensError` into a one-line message (exit code 2 / an
+RFC 7807 problem), never a traceback.
+"""
+
+
+class MedLensError(Exception):
+    """Base class for every error MedLens raises on purpose."""
+
+
+class InputError(MedLensError):
+    """The input file or text cannot be used."""
+
+
+class UnsupportedImage(InputError):
+    """The file is not an image format MedLens reads (or not an image at all)."""
+
+
+class CorruptImage(InputError):
+    """The file claims a supported format but cannot be decoded."""
+
+
+class EmptyInput(InputError):
+    """The file or text is empty."""
+
+
+class ImageTooLarge(InputError):
+    """The file exceeds the byte or pixel limits (decompression-bomb guard)."""
+
+
+class NoPixelData(InputError):
+    """A DICOM object without pixel data (e.g. a structured report or a header-only file)."""
+
+
+class InvalidText(InputError):
+    """Symptom text that cannot be used (too long, binary, ...)."""
+
+
+class ModelUnavailable(MedLensError):
+    """Model weights are missing or cannot be loaded (e.g. offline without a local copy)."""
+
+
+class ConfigError(MedLensError):
+    """A setting or argument is invalid."""
+
+
+class DatasetError(MedLensError):
+    """A dataset folder does not have the layout its loader expects."""

@@ -1,0 +1,92 @@
+"""Schema of a clinical knowledge pack (one YAML file per domain).
+
+The packs are data: findings, their prompts, codes, risk and descriptions live in
+YAML; this module only validates their shape. Code *validity* (ICD-10-CM existence,
+SNOMED CT check digits) is checked by ``medlens.knowledge.codes`` and the tests.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Risk = Literal["urgent", "soon", "routine"]
+RISK_ORDER: dict[str, int] = {"routine": 0, "soon": 1, "urgent": 2}
+
+ICD10_FORMAT = re.compile(r"^[A-TV-Z][0-9][0-9AB](\.[0-9A-TV-Z]{1,4})?$")
+SNOMED_FORMAT = re.compile(r"^[1-9][0-9]{5,17}$")
+
+
+class Description(BaseModel):
+    """A clinical description written in MedLens's own words, by section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    presentation: str = Field(min_length=20)
+    history: str = Field(min_length=20, description="typical history and symptoms")
+    image_features: str = Field(min_length=20, description="key features on the image")
+    differentials: str = Field(min_length=10, description="main differential diagnoses")
+
+    def sections(self) -> dict[str, str]:
+        return self.model_dump()
+
+
+class Finding(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=r"^[a-z0-9_]+$")
+    name: str
+    synonyms: tuple[str, ...] = ()
+    description: Description
+    prompts: tuple[str, ...] = Field(min_length=5)
+    risk: Risk
+    next_step: str = Field(min_length=10)
+    icd10: tuple[str, ...] = Field(min_length=1)
+    snomed: str
+    # dataset label vocabulary -> label names in that vocabulary that mean this finding
+    labels: dict[str, tuple[str, ...]] = {}
+
+    @field_validator("icd10")
+    @classmethod
+    def _icd10_format(cls, codes: tuple[str, ...]) -> tuple[str, ...]:
+        for code in codes:
+            if not ICD10_FORMAT.match(code):
+                raise ValueError(f"ICD-10-CM code {code!r} is not well formed (e.g. C43.9)")
+        return codes
+
+    @field_validator("snomed")
+    @classmethod
+    def _snomed_format(cls, sctid: str) -> str:
+        if not SNOMED_FORMAT.match(sctid):
+            raise ValueError(f"SNOMED CT id {sctid!r} is not 6-18 digits")
+        return sctid
+
+
+class Domain(BaseModel):
+    """One imaging domain: its findings and how they are scored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=r"^[a-z0-9_]+$")
+    name: str
+    # single_label: softmax over findings (a differential); multi_label: per-finding sigmoid
+    task: Literal["single_label", "multi_label"]
+    # Phrases that describe an image of this domain at all (used for domain auto-detection).
+    domain_prompts: tuple[str, ...] = Field(min_length=3)
+    # Multi-label only: phrasings of "nothing abnormal" used as the reference for each finding.
+    reference_prompts: tuple[str, ...] = ()
+    findings: tuple[Finding, ...]
+    # dataset label vocabulary -> labels that carry no diagnosis (e.g. "todo", "Unknown")
+    unlabelled: dict[str, tuple[str, ...]] = {}
+
+    @field_validator("findings")
+    @classmethod
+    def _unique_ids(cls, findings: tuple[Finding, ...]) -> tuple[Finding, ...]:
+        seen: set[str] = set()
+        for f in findings:
+            if f.id in seen:
+                raise ValueError(f"finding id {f.id!r} appears twice")
+            seen.add(f.id)
+        return findings

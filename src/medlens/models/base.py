@@ -1,0 +1,50 @@
+"""The ``Encoder`` protocol every image–text model implements.
+
+Contract:
+- ``embed_images(images)``: a sequence of uint8 RGB arrays (H, W, 3) of any size →
+  float32 (N, dim), each row L2-normalised. The encoder applies its own preprocessing.
+- ``embed_texts(texts)``: a sequence of strings → float32 (N, dim), L2-normalised.
+- ``fingerprint``: short hex string that changes whenever weights or preprocessing change
+  (keys prompt caches, embedding caches and vector collections).
+- ``logit_scale``: the learned temperature multiplier for cosine similarities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    name: str
+    dim: int
+    fingerprint: str
+    logit_scale: float
+
+    def embed_images(self, images: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray: ...
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray: ...
+
+
+def state_fingerprint(*modules: torch.nn.Module, extra: str = "") -> str:
+    """Hash of all parameters and buffers (+ a preprocessing description)."""
+    h = hashlib.sha256(extra.encode())
+    for m in modules:
+        for k, v in sorted(m.state_dict().items()):
+            h.update(k.encode())
+            t = v.detach().cpu().contiguous()
+            if t.dtype == torch.bfloat16:
+                t = t.float()
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(n, 1e-12)

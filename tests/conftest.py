@@ -1,0 +1,35 @@
+"""Shared fixtures. The sample datasets are required: a missing folder fails, never skips."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _data_dir() -> Path:
+    raw = os.environ.get("MEDLENS_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    path = Path(raw)
+    if not path.is_dir():
+        pytest.fail(
+            f"sample data folder {path} not found: set MEDLENS_DATA to ../shared/data",
+            pytrace=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return _data_dir()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test writes MedLens state into a throwaway MEDLENS_HOME."""
+    home = tmp_path_factory.getbasetemp() / "medlens_home"
+    home.mkdir(exist_ok=True)
+    monkeypatch.setenv("MEDLENS_HOME", str(home))
+    monkeypatch.setenv("MEDLENS_DATA", str(_data_dir()))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
