@@ -9,7 +9,9 @@ import pytest
 
 
 def _data_dir() -> Path:
-    raw = os.environ.get("MEDLENS_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    raw = os.environ.get("MEDLENS_DATA") or str(
+        Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
     path = Path(raw)
     if not path.is_dir():
         pytest.fail(
@@ -25,7 +27,9 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every test writes MedLens state into a throwaway MEDLENS_HOME."""
     home = tmp_path_factory.getbasetemp() / "medlens_home"
     home.mkdir(exist_ok=True)

@@ -23,13 +23,30 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"{name}={raw!r} is not an integer") from exc
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    from medlens.errors import ConfigError
+
+    raise ConfigError(f"{name}={raw!r} is not a boolean (use 1/0, true/false)")
+
+
 @dataclass(frozen=True)
 class Settings:
-    home: Path = field(default_factory=lambda: Path(os.environ.get("MEDLENS_HOME", "~/.medlens")).expanduser())
+    home: Path = field(
+        default_factory=lambda: Path(os.environ.get("MEDLENS_HOME", "~/.medlens")).expanduser()
+    )
     data: Path | None = field(
-        default_factory=lambda: Path(os.environ["MEDLENS_DATA"]).expanduser()
-        if os.environ.get("MEDLENS_DATA")
-        else None
+        default_factory=lambda: (
+            Path(os.environ["MEDLENS_DATA"]).expanduser()
+            if os.environ.get("MEDLENS_DATA")
+            else None
+        )
     )
     model: str = field(default_factory=lambda: os.environ.get("MEDLENS_MODEL", "lite"))
     device: str = field(default_factory=lambda: os.environ.get("MEDLENS_DEVICE", "cpu"))
@@ -37,6 +54,38 @@ class Settings:
     max_bytes: int = field(default_factory=lambda: _env_int("MEDLENS_MAX_BYTES", 256 * 1024 * 1024))
     max_pixels: int = field(default_factory=lambda: _env_int("MEDLENS_MAX_PIXELS", 100_000_000))
     max_text_chars: int = field(default_factory=lambda: _env_int("MEDLENS_MAX_TEXT_CHARS", 4000))
+    # Service (medlens serve / ui / demo). Auth is required whenever api_host is not loopback.
+    api_host: str = field(default_factory=lambda: os.environ.get("MEDLENS_API_HOST", "127.0.0.1"))
+    api_port: int = field(default_factory=lambda: _env_int("MEDLENS_API_PORT", 8000))
+    api_url: str = field(
+        default_factory=lambda: os.environ.get("MEDLENS_API_URL", "http://127.0.0.1:8000")
+    )
+    api_key: str | None = field(default_factory=lambda: os.environ.get("MEDLENS_API_KEY") or None)
+    api_require_key: bool = field(
+        default_factory=lambda: _env_bool("MEDLENS_API_REQUIRE_KEY", False)
+    )
+    # Model work runs in a bounded pool: `api_workers` threads + `api_queue` waiting jobs;
+    # beyond that the API answers 503 + Retry-After instead of queueing without bound.
+    api_workers: int = field(default_factory=lambda: _env_int("MEDLENS_API_WORKERS", 1))
+    api_queue: int = field(default_factory=lambda: _env_int("MEDLENS_API_QUEUE", 16))
+    api_timeout_s: int = field(default_factory=lambda: _env_int("MEDLENS_API_TIMEOUT_S", 60))
+    api_max_upload_bytes: int = field(
+        default_factory=lambda: _env_int("MEDLENS_API_MAX_UPLOAD_BYTES", 64 * 1024 * 1024)
+    )
+    cors_origins: tuple[str, ...] = field(
+        default_factory=lambda: tuple(
+            o.strip() for o in os.environ.get("MEDLENS_CORS_ORIGINS", "").split(",") if o.strip()
+        )
+    )
+    ui_port: int = field(default_factory=lambda: _env_int("MEDLENS_UI_PORT", 8501))
+    # Audit trail: SQLite under home by default; any SQLAlchemy URL (postgresql+psycopg://...).
+    db_url: str | None = field(default_factory=lambda: os.environ.get("MEDLENS_DB_URL") or None)
+    audit_store_inputs: bool = field(
+        default_factory=lambda: _env_bool("MEDLENS_AUDIT_STORE_INPUTS", False)
+    )
+    audit_store_identifiers: bool = field(
+        default_factory=lambda: _env_bool("MEDLENS_AUDIT_STORE_IDENTIFIERS", False)
+    )
 
     @property
     def cache_dir(self) -> Path:
@@ -49,6 +98,16 @@ class Settings:
     @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
+
+    @property
+    def api_keys_file(self) -> Path:
+        """Hashed API keys (never the keys themselves); written by ``medlens keys``."""
+        raw = os.environ.get("MEDLENS_API_KEYS_FILE")
+        return Path(raw).expanduser() if raw else self.home / "api_keys.json"
+
+    @property
+    def audit_db_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.home / 'audit.db'}"
 
     def require_data(self) -> Path:
         from medlens.errors import ConfigError

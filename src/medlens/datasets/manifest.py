@@ -62,6 +62,11 @@ class Manifest:
             arr = np.repeat(arr[:, :, None], 3, axis=2)
         return np.ascontiguousarray(arr, dtype=np.uint8)
 
+    def vocab_of(self, record: Record) -> str:
+        """Label vocabulary of one record: ``meta["vocab"]`` where a manifest mixes sources
+        with different vocabularies (``cxr_samples``), else the manifest's own."""
+        return str(record.meta.get("vocab") or self.vocab)
+
     def label_set(self) -> set[str]:
         return {lab for r in self.records for lab in r.labels}
 

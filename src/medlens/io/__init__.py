@@ -19,7 +19,7 @@ from medlens.io.types import DecodedImage, Identifiers, StudyContext
 __all__ = ["DecodedImage", "Identifiers", "StudyContext", "load_image"]
 
 
-def load_image(source, **kwargs) -> DecodedImage:  # noqa: ANN001 - thin re-export
+def load_image(source, **kwargs) -> DecodedImage:  # thin lazy re-export, see images.py
     from medlens.io.images import load_image as _load
 
     return _load(source, **kwargs)

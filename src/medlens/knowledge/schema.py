@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 Risk = Literal["urgent", "soon", "routine"]
 RISK_ORDER: dict[str, int] = {"routine": 0, "soon": 1, "urgent": 2}
 
-ICD10_FORMAT = re.compile(r"^[A-TV-Z][0-9][0-9AB](\.[0-9A-TV-Z]{1,4})?$")
+# First letter A-Z: ICD-10-CM uses chapter U for emergency codes (U07.1 COVID-19).
+ICD10_FORMAT = re.compile(r"^[A-Z][0-9][0-9AB](\.[0-9A-TV-Z]{1,4})?$")
 SNOMED_FORMAT = re.compile(r"^[1-9][0-9]{5,17}$")
 
 

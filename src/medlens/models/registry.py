@@ -1,0 +1,125 @@
+"""Resolve a model spec string (``--model`` / ``MEDLENS_MODEL``) to a loaded Encoder.
+
+Accepted forms::
+
+    lite                                  the packaged offline encoder
+    lite:<heads.safetensors>              the lite towers with heads from a training run
+    open_clip:<architecture>@<tag|file>   e.g. open_clip:ViT-B-32@openai
+    open_clip:hf-hub:<org/repo>           e.g. BiomedCLIP
+    open_clip:<local folder>              hub layout: open_clip_config.json + weights
+    hf:<model id or local folder>         transformers CLIP / ALIGN / SigLIP
+
+Loads are slow (seconds to minutes), so encoders are cached per (spec, device) for the
+life of the process; encoders are frozen, so sharing one instance is safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from medlens.errors import ConfigError
+from medlens.models._util import looks_like_path
+from medlens.models.base import Encoder
+
+ACCEPTED_FORMS = (
+    "lite",
+    "lite:<heads .safetensors file>",
+    "open_clip:<architecture>@<pretrained tag or checkpoint file> (e.g. open_clip:ViT-B-32@openai)",
+    "open_clip:hf-hub:<org/repo> (e.g. open_clip:hf-hub:microsoft/"
+    "BiomedCLIP-PubMedBERT_256-vit_base_patch16_224)",
+    "open_clip:<local folder with open_clip_config.json and weights>",
+    "hf:<model id or local folder> (transformers CLIP, ALIGN or SigLIP)",
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec: ``scheme`` is lite, open_clip or hf."""
+
+    scheme: str
+    target: str = ""
+    tag: str | None = None
+
+
+def _bad_spec(name: str, why: str) -> ConfigError:
+    forms = "\n  ".join(ACCEPTED_FORMS)
+    return ConfigError(f"model {name!r}: {why}. Accepted forms:\n  {forms}")
+
+
+def parse_model_spec(name: str) -> ModelSpec:
+    spec = name.strip()
+    if spec == "lite":
+        return ModelSpec("lite")
+    scheme, sep, target = spec.partition(":")
+    target = target.strip()
+    if not sep or scheme not in ("lite", "open_clip", "hf"):
+        raise _bad_spec(name, "unknown model scheme")
+    if not target:
+        raise _bad_spec(name, f"nothing after {scheme}:")
+    if scheme == "open_clip":
+        tag = None
+        is_dir = Path(target).expanduser().is_dir()
+        if not is_dir and not target.startswith(("hf-hub:", "local-dir:")) and "@" in target:
+            target, tag = (part.strip() for part in target.rsplit("@", 1))
+            if not target or not tag:
+                raise _bad_spec(name, "empty architecture or pretrained tag around '@'")
+        builtin = not (is_dir or target.startswith(("hf-hub:", "local-dir:")))
+        if tag is None and builtin and not looks_like_path(target):
+            # A bare architecture would load random weights: never what a user means.
+            raise _bad_spec(
+                name,
+                f"open_clip architecture {target!r} needs a pretrained tag, e.g. "
+                f"open_clip:{target}@openai (open_clip.list_pretrained() lists them)",
+            )
+        return ModelSpec("open_clip", target, tag)
+    return ModelSpec(scheme, target)
+
+
+def _check_device(device: str) -> str:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(
+            f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)"
+        ) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available here; use cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} requested but MPS is not available here; use cpu")
+    return str(dev)
+
+
+def load_encoder(name: str = "lite", *, device: str = "cpu") -> Encoder:
+    """The encoder for a model spec, loaded once per (spec, device) in this process.
+
+    Raises ConfigError for a malformed spec or device, ModelUnavailable (with how to
+    provide a local copy) when the weights cannot be had.
+    """
+    spec = parse_model_spec(name)
+    return _load_cached(spec, name.strip(), _check_device(device))
+
+
+@lru_cache(maxsize=8)
+def _load_cached(spec: ModelSpec, name: str, device: str) -> Encoder:
+    if spec.scheme == "lite":
+        from medlens.models.lite import LiteEncoder
+
+        enc = LiteEncoder.load(spec.target or None, device=device)
+        enc.name = name  # "lite", or "lite:<heads file>" so reports say which heads
+        return enc
+    if spec.scheme == "open_clip":
+        from medlens.models.open_clip_encoder import OpenClipEncoder
+
+        return OpenClipEncoder(spec.target, spec.tag, device=device, name=name)
+    from medlens.models.hf_encoder import HFEncoder
+
+    return HFEncoder(spec.target, device=device, name=name)
+
+
+def clear_encoder_cache() -> None:
+    """Forget loaded encoders (tests; after installing new lite heads)."""
+    _load_cached.cache_clear()

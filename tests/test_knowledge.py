@@ -1,0 +1,238 @@
+"""Knowledge packs: shape, clinical codes (checked offline) and dataset label mapping."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from medlens.errors import ConfigError
+from medlens.knowledge import DOMAINS, KnowledgePack, load_domain
+from medlens.knowledge.codes import (
+    check_pack,
+    icd10cm_exists,
+    icd10cm_title,
+    normalize_icd10cm,
+    snomed_valid,
+    verhoeff_valid,
+)
+from medlens.knowledge.schema import RISK_ORDER
+
+# Words that carry no clinical meaning when matching an ICD-10-CM title to a finding.
+STOP_WORDS = frozenset(
+    {
+        *("a", "an", "and", "are", "as", "at", "by", "due", "for", "from", "in", "is"),
+        *("not", "of", "on", "or", "the", "to", "with", "without"),
+        *("other", "unspecified", "specified", "elsewhere", "classified", "nec", "nos"),
+        *("type", "part", "site", "encounter", "initial", "subsequent", "sequela"),
+        *("acute", "chronic", "disease", "diseases", "disorder", "disorders"),
+        *("condition", "conditions", "abnormal", "finding", "findings"),
+    }
+)
+
+# Finding ids other modules rely on.
+CHEST_IDS = (
+    *("atelectasis", "cardiomegaly", "pleural_effusion", "infiltration", "mass", "nodule"),
+    *("pneumonia", "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis"),
+    *("pleural_thickening", "hernia", "covid19_pneumonia", "tuberculosis", "ards"),
+    "no_finding",
+)
+
+
+def _stems(text: str) -> set[str]:
+    """Lower-cased word stems (first 5 characters), stop words and 1-letter words removed."""
+    words = re.findall(r"[a-z0-9]+", text.casefold())
+    return {w[:5] for w in words if w not in STOP_WORDS and len(w) > 1}
+
+
+@pytest.fixture(params=DOMAINS)
+def pack(request: pytest.FixtureRequest) -> KnowledgePack:
+    return load_domain(request.param)
+
+
+def _report(offenders: list[str], what: str) -> str:
+    msg = f"{len(offenders)} {what}:\n  " + "\n  ".join(offenders)
+    if offenders:
+        print(msg)
+    return msg
+
+
+# --- every pack ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("domain_id", DOMAINS)
+def test_pack_loads(domain_id: str) -> None:
+    p = load_domain(domain_id)
+    assert p.id == domain_id
+    assert p.findings, f"{domain_id}: no findings"
+    assert len(p.domain.domain_prompts) >= 3
+    if p.task == "multi_label":
+        assert len(p.domain.reference_prompts) >= 5
+
+
+def test_finding_ids_unique(pack: KnowledgePack) -> None:
+    ids = pack.finding_ids
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    assert not dupes, _report(dupes, f"duplicate finding ids in {pack.id}")
+
+
+def test_every_finding_is_complete(pack: KnowledgePack) -> None:
+    offenders: list[str] = []
+    for f in pack.findings:
+        if len(f.prompts) < 5:
+            offenders.append(f"{f.id}: {len(f.prompts)} prompts (< 5)")
+        for section, text in f.description.sections().items():
+            if not text.strip():
+                offenders.append(f"{f.id}: empty description section {section!r}")
+        if f.risk not in RISK_ORDER:
+            offenders.append(f"{f.id}: risk {f.risk!r}")
+        if not f.next_step.strip():
+            offenders.append(f"{f.id}: no next step")
+        if len({p.strip().casefold() for p in f.prompts}) != len(f.prompts):
+            offenders.append(f"{f.id}: duplicate prompts")
+    assert not offenders, _report(offenders, f"incomplete findings in {pack.id}")
+
+
+def test_icd10cm_codes_exist(pack: KnowledgePack) -> None:
+    offenders = [
+        f"{f.id}: {code}" for f in pack.findings for code in f.icd10 if not icd10cm_exists(code)
+    ]
+    assert not offenders, _report(offenders, f"unknown ICD-10-CM codes in {pack.id}")
+
+
+def test_first_icd10cm_title_fits_finding(pack: KnowledgePack) -> None:
+    """Cheap honesty check: the first code's CMS title shares a word stem with the finding."""
+    offenders: list[str] = []
+    for f in pack.findings:
+        code = f.icd10[0]
+        if not icd10cm_exists(code):
+            continue  # reported by test_icd10cm_codes_exist
+        title = icd10cm_title(code)
+        ours = _stems(" ".join([f.name, *f.synonyms, f.description.presentation]))
+        if not _stems(title) & ours:
+            offenders.append(f"{f.id} ({f.name}): {code} {title!r}")
+    assert not offenders, _report(offenders, f"ICD-10-CM titles that do not fit in {pack.id}")
+
+
+def test_snomed_ids_valid(pack: KnowledgePack) -> None:
+    offenders = [f"{f.id}: {f.snomed}" for f in pack.findings if not snomed_valid(f.snomed)]
+    assert not offenders, _report(offenders, f"invalid SNOMED CT ids in {pack.id}")
+
+
+def test_check_pack_clean(pack: KnowledgePack) -> None:
+    problems = check_pack(pack)
+    assert problems == [], _report(problems, f"problems in {pack.id}")
+
+
+def test_label_mapping_is_case_insensitive(pack: KnowledgePack) -> None:
+    mapped = 0
+    for f in pack.findings:
+        for vocab, names in f.labels.items():
+            for name in names:
+                for variant in (name, name.upper(), name.lower(), f"  {name} "):
+                    assert pack.map_label(vocab, variant) == f.id, (vocab, variant)
+                assert pack.knows_label(vocab, name.swapcase())
+                mapped += 1
+    for vocab, names in pack.domain.unlabelled.items():
+        for name in names:
+            assert pack.map_label(vocab, name.upper()) is None
+    assert mapped > 0, f"{pack.id}: no dataset labels mapped"
+
+
+def test_unknown_label_raises(pack: KnowledgePack) -> None:
+    vocab = next((v for f in pack.findings for v in f.labels), "none")
+    with pytest.raises(ConfigError):
+        pack.map_label(vocab, "certainly-not-a-real-label")
+    with pytest.raises(ConfigError):
+        pack.map_label("no_such_vocabulary", "whatever")
+    assert not pack.knows_label(vocab, "certainly-not-a-real-label")
+
+
+# --- chest X-ray pack ---------------------------------------------------------------
+
+
+def test_chest_pack_contents() -> None:
+    cxr = load_domain("chest_xray")
+    assert cxr.task == "multi_label"
+    assert set(CHEST_IDS) <= set(cxr.finding_ids)
+    assert len(cxr.domain.domain_prompts) >= 5
+    assert len(cxr.domain.reference_prompts) >= 5
+    for fid in (
+        "pneumothorax",
+        "pneumonia",
+        "covid19_pneumonia",
+        "tuberculosis",
+        "mass",
+        "nodule",
+        "ards",
+        "edema",
+    ):
+        assert cxr.finding(fid).risk == "urgent", fid
+    assert cxr.finding("no_finding").risk == "routine"
+
+
+@pytest.mark.parametrize(
+    ("vocab", "label", "expected"),
+    [
+        ("nih_cxr14", "Effusion", "pleural_effusion"),
+        ("nih_cxr14", "pleural_thickening", "pleural_thickening"),
+        ("nih_cxr14", "NO FINDING", "no_finding"),
+        ("pneumoniamnist", "Normal", "no_finding"),
+        ("pneumoniamnist", "PNEUMONIA", "pneumonia"),
+        ("covid_chestxray", "covid-19", "covid19_pneumonia"),
+        ("covid_chestxray", "ards", "ards"),
+        ("covid_chestxray", "Pneumocystis", "pneumonia"),
+        ("covid_chestxray", "TODO", None),
+        ("covid_chestxray", "unknown", None),
+        ("tbx11k", "TB", "tuberculosis"),
+        ("tbx11k", "Healthy", "no_finding"),
+        ("chexpert", "pleural effusion", "pleural_effusion"),
+    ],
+)
+def test_chest_label_examples(vocab: str, label: str, expected: str | None) -> None:
+    assert load_domain("chest_xray").map_label(vocab, label) == expected
+
+
+# --- code checks ----------------------------------------------------------------------
+
+
+REAL_SCTIDS = ("36118008", "60046008", "233604007", "840539006", "882784691000119100")
+
+
+@pytest.mark.parametrize("sctid", REAL_SCTIDS)
+def test_verhoeff_rejects_any_one_digit_change(sctid: str) -> None:
+    assert verhoeff_valid(sctid) and snomed_valid(sctid) and snomed_valid(int(sctid))
+    for i, original in enumerate(sctid):
+        for d in "0123456789":
+            if d != original:
+                changed = sctid[:i] + d + sctid[i + 1 :]
+                assert not verhoeff_valid(changed), changed
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "abc",
+        "12345",
+        "1234567890123456789",
+        "0036118008",
+        "36118O08",
+        "36 118008",
+        "36118018",
+        "3772571013",
+    ],  # last: a real *description* id (partition 01), Verhoeff-valid
+)
+def test_snomed_valid_rejects_malformed(bad: str) -> None:
+    assert not snomed_valid(bad)
+
+
+def test_icd10cm_lookup() -> None:
+    assert icd10cm_exists("J93.9") and icd10cm_exists("J939") and icd10cm_exists(" j93.9 ")
+    assert icd10cm_title("J939") == icd10cm_title("J93.9") == "Pneumothorax, unspecified"
+    assert normalize_icd10cm("s229xxa") == "S22.9XXA"
+    assert icd10cm_exists("U07.1")
+    for made_up in ("J99.99", "Q99.99", "J18.99", "ZZZ", "J00-J06", "10", ""):
+        assert not icd10cm_exists(made_up), made_up
+    with pytest.raises(ConfigError):
+        icd10cm_title("J99.99")

