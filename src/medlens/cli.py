@@ -205,7 +205,7 @@ DEMO_FILES = [
 
 @app.command()
 @friendly
-def demo(
+def samples(
     model: str | None = typer.Option(None, help="Encoder name (default: lite)."),
 ) -> None:
     """Analyze a handful of sample images from MEDLENS_DATA and print a table."""
@@ -246,9 +246,9 @@ def _isic_truth(data: Path) -> dict[str, str]:
 def train_align_cmd(
     model: str = typer.Option("lite", help="Encoder to train (lite: heads on frozen towers)."),
     data: str = typer.Option(",".join(_DEFAULT_ALIGN_DATA), help="Comma-separated dataset names."),
-    epochs: int = typer.Option(40, min=1),
+    epochs: int = typer.Option(20, min=1),
     lr: float = typer.Option(1e-3),
-    batch_size: int = typer.Option(256, min=2),
+    batch_size: int = typer.Option(512, min=2),
     seed: int = typer.Option(0),
     balance: bool = typer.Option(True, help="Class-balanced loss weights."),
     limit: int | None = typer.Option(None, help="Records per split (smoke runs)."),
@@ -322,6 +322,17 @@ def eval_cmd(
                 if k in res
             ]
             console.print(f"[bold]{name}[/bold]: " + ", ".join(f"{k} {res[k]}" for k in keys))
+
+
+def _register_subsystems() -> None:
+    """Commands that live with their subsystem (service, retrieval, evaluation)."""
+    from medlens.api.commands import demo_command, register
+
+    register(app)
+    app.command("demo")(demo_command)
+
+
+_register_subsystems()
 
 
 def main() -> None:  # pragma: no cover - console entry

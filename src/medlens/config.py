@@ -54,6 +54,17 @@ class Settings:
     max_bytes: int = field(default_factory=lambda: _env_int("MEDLENS_MAX_BYTES", 256 * 1024 * 1024))
     max_pixels: int = field(default_factory=lambda: _env_int("MEDLENS_MAX_PIXELS", 100_000_000))
     max_text_chars: int = field(default_factory=lambda: _env_int("MEDLENS_MAX_TEXT_CHARS", 4000))
+    # Retrieval (docs/retrieval.md): a Qdrant server/cluster URL switches the vector store
+    # from embedded shards under MEDLENS_HOME/qdrant to that server.
+    qdrant_url: str | None = field(
+        default_factory=lambda: os.environ.get("MEDLENS_QDRANT_URL") or None
+    )
+    qdrant_api_key: str | None = field(
+        default_factory=lambda: os.environ.get("MEDLENS_QDRANT_API_KEY") or None, repr=False
+    )
+    qdrant_shards: int = field(default_factory=lambda: _env_int("MEDLENS_QDRANT_SHARDS", 2))
+    qdrant_replicas: int = field(default_factory=lambda: _env_int("MEDLENS_QDRANT_REPLICAS", 1))
+    library: str = field(default_factory=lambda: os.environ.get("MEDLENS_LIBRARY", "default"))
     # Service (medlens serve / ui / demo). Auth is required whenever api_host is not loopback.
     api_host: str = field(default_factory=lambda: os.environ.get("MEDLENS_API_HOST", "127.0.0.1"))
     api_port: int = field(default_factory=lambda: _env_int("MEDLENS_API_PORT", 8000))

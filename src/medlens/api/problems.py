@@ -10,7 +10,7 @@ import logging
 import re
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -80,9 +80,9 @@ class Problem(Exception):
         self.headers = headers or {}
 
 
-class BodyTooLarge(StarletteHTTPException):
-    """Raised from the receive channel; an HTTPException so FastAPI's form parser passes
-    it through untouched (it re-raises HTTPException, wraps anything else as 400)."""
+class BodyTooLarge(HTTPException):
+    """Raised from the receive channel; a FastAPI HTTPException so FastAPI's body parser
+    passes it through untouched (it re-raises those and turns anything else into 400)."""
 
     def __init__(self, limit: int):
         super().__init__(413, f"the request body exceeds the limit of {limit} bytes")

@@ -141,9 +141,7 @@ class EmbeddingCache:
             "ON m.model = e.model GROUP BY e.model, e.kind ORDER BY e.model, e.kind"
         ).fetchall()
         size = sum(
-            p.stat().st_size
-            for p in self.path.parent.glob(self.path.name + "*")
-            if p.is_file()
+            p.stat().st_size for p in self.path.parent.glob(self.path.name + "*") if p.is_file()
         )
         return {
             "path": str(self.path),
@@ -188,7 +186,9 @@ class EmbeddingCache:
         con.execute("BEGIN IMMEDIATE")
         try:
             n = con.execute(sql, args).rowcount
-            con.execute("DELETE FROM models WHERE model NOT IN (SELECT DISTINCT model FROM embeddings)")
+            con.execute(
+                "DELETE FROM models WHERE model NOT IN (SELECT DISTINCT model FROM embeddings)"
+            )
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")

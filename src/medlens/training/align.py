@@ -39,13 +39,13 @@ DEFAULT_DATA = ("dermamnist", "pad_ufes_20", "dermnet", "covid_chestxray", "pneu
 @dataclass
 class AlignConfig:
     data: tuple[str, ...] = DEFAULT_DATA
-    epochs: int = 40
+    epochs: int = 20
     lr: float = 1e-3
     weight_decay: float = 0.05
-    batch_size: int = 256
+    batch_size: int = 512
     seed: int = 0
     balance: bool = True
-    patience: int = 8
+    patience: int = 5
     domain_weight: float = 0.5
     text_weight: float = 0.5
     limit: int | None = None  # per split, for smoke runs
@@ -323,6 +323,8 @@ def train_align(
             best = (score, {k: v.clone() for k, v in enc.heads_state().items()}, epoch + 1)
         if progress:
             progress.update(task, advance=1, description=f"training heads (val {score:.3f})")
+            losses = " ".join(f"{k} {v / steps_per_epoch:.3f}" for k, v in sums.items())
+            progress.console.print(f"epoch {epoch + 1}: {losses} | val {score:.3f} {val_scores}")
         if epoch + 1 - best[2] >= cfg.patience:
             break
     enc.load_heads(best[1])

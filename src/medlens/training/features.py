@@ -52,3 +52,4 @@ def cached_features(
     np.save(tmp, feats)
     tmp.replace(path)
     return feats
+

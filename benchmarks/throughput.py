@@ -1,0 +1,160 @@
+"""Batch embedding throughput (images/s): MedLens's pipeline against the bare forward.
+
+Three measurements at each batch size, on the same real images (ISIC 2018 test JPEGs,
+224 px, from MEDLENS_DATA):
+
+- ``pipeline (files)``: decode each file through ``medlens.io`` + ``encoder.embed_images``:
+  what ``medlens eval``, ``medlens index`` and folder analysis pay per image.
+- ``pipeline (pixels)``: ``encoder.embed_images`` on already-decoded pixels (resize, crop,
+  normalise, forward, heads, L2).
+- ``bare forward``: the network alone on a ready, normalised ``channels_last`` tensor
+  (lite: image tower + projection head) under ``torch.inference_mode``: the ceiling.
+
+The headline is pipeline ÷ bare at the same batch size: how much of the model's own
+speed the pipeline keeps. Usage::
+
+    python benchmarks/throughput.py [--model lite] [--n 256] [--batch-sizes 8,32]
+                                    [--out benchmarks/results/throughput.json]
+    python benchmarks/throughput.py --smoke      # 16 images, batch 8: checks it runs
+
+Speed goals live here, never as timed assertions in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ISIC_DIR = "isic2018-task3-test/images"
+
+
+def _images(data: Path, n: int) -> list[Path]:
+    files = sorted((data / ISIC_DIR).glob("*.jpg"))
+    if not files:
+        sys.exit(f"no ISIC 2018 test images under {data / ISIC_DIR}: set MEDLENS_DATA")
+    return [files[i % len(files)] for i in range(n)]
+
+
+def _rate(fn: Callable[[], int], min_seconds: float) -> float:
+    """Images per second of ``fn`` (returns how many it processed), repeated until at
+    least ``min_seconds`` have passed, after one warm-up call."""
+    fn()
+    done, t0 = 0, time.perf_counter()
+    while True:
+        done += fn()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_seconds:
+            return done / elapsed
+
+
+def bare_forward(enc) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The network alone for encoders whose parts we know (lite); None otherwise."""
+    if not hasattr(enc, "image_head") or not hasattr(enc, "_towers"):
+        return None
+    tower = enc._towers()[0]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.nn.functional.normalize(enc.image_head(tower(x)), dim=-1)
+
+    return forward
+
+
+def run(model: str, n: int, batch_sizes: list[int], min_seconds: float) -> dict:
+    from medlens.evaluation.protocols import machine_info
+    from medlens.io import load_image
+    from medlens.models import load_encoder
+
+    data = Path(os.environ.get("MEDLENS_DATA", "../shared/data"))
+    files = _images(data, n)
+    enc = load_encoder(model)
+    pixels = [load_image(f).pixels for f in files]
+    bare = bare_forward(enc)
+    rows = []
+    for bs in batch_sizes:
+
+        def from_files(bs: int = bs) -> int:
+            for i in range(0, n, bs):
+                enc.embed_images([load_image(f).pixels for f in files[i : i + bs]], batch_size=bs)
+            return n
+
+        def from_pixels(bs: int = bs) -> int:
+            enc.embed_images(pixels, batch_size=bs)
+            return n
+
+        row = {
+            "batch_size": bs,
+            "pipeline_files_img_s": round(_rate(from_files, min_seconds), 1),
+            "pipeline_pixels_img_s": round(_rate(from_pixels, min_seconds), 1),
+            "bare_forward_img_s": None,
+        }
+        if bare is not None:
+            x = enc.preprocess(pixels[:bs]).contiguous(memory_format=torch.channels_last)
+            row["bare_forward_img_s"] = round(_rate(lambda x=x: len(bare(x)), min_seconds), 1)
+            row["ratio_files_to_bare"] = round(
+                row["pipeline_files_img_s"] / row["bare_forward_img_s"], 3
+            )
+            row["ratio_pixels_to_bare"] = round(
+                row["pipeline_pixels_img_s"] / row["bare_forward_img_s"], 3
+            )
+        rows.append(row)
+    return {
+        "benchmark": "throughput",
+        "model": {"name": model, "fingerprint": enc.fingerprint},
+        "images": {"source": ISIC_DIR, "n": n, "size": list(pixels[0].shape)},
+        "rows": rows,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "machine": machine_info(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
+    }
+
+
+def print_table(result: dict) -> None:
+    print(
+        f"model {result['model']['name']} ({result['model']['fingerprint']}), "
+        f"{result['images']['n']} images, peak RSS {result['peak_rss_mb']} MB"
+    )
+    print(
+        "| batch | pipeline from files img/s | pipeline from pixels img/s | bare forward img/s "
+        "| files ÷ bare | pixels ÷ bare |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        print(
+            f"| {r['batch_size']} | {r['pipeline_files_img_s']} | {r['pipeline_pixels_img_s']} | "
+            f"{r['bare_forward_img_s']} | {r.get('ratio_files_to_bare', '–')} | "
+            f"{r.get('ratio_pixels_to_bare', '–')} |"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="lite")
+    ap.add_argument("--n", type=int, default=256, help="images per pass")
+    ap.add_argument("--batch-sizes", default="8,32")
+    ap.add_argument("--min-seconds", type=float, default=5.0, help="time per measurement")
+    ap.add_argument("--smoke", action="store_true", help="tiny run: 8 images, batch 8, 0.2 s")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
+    args = ap.parse_args()
+    if args.smoke:
+        args.n, args.batch_sizes, args.min_seconds = 8, "8", 0.2
+    sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    result = run(args.model, args.n, sizes, args.min_seconds)
+    result["smoke"] = args.smoke
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,549 @@
+"""The MedLens HTTP service (FastAPI): ``create_app()`` builds it, ``medlens serve`` runs it.
+
+One process holds one model, loaded once in the background at start-up (``/healthz``
+answers at once, ``/readyz`` when the model is warm). Model work runs in a bounded
+worker pool (see ``pool.py``); every analysis is written to the audit trail before its
+answer leaves the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from medlens import __version__
+from medlens.api import problems
+from medlens.api.cases import CaseSearch, load_case_search
+from medlens.api.keys import KeyRejected, KeyStore
+from medlens.api.pool import JobTimeout, Overloaded, WorkerPool
+from medlens.api.problems import Problem
+from medlens.audit import AuditLog
+from medlens.config import Settings, get_settings
+from medlens.errors import EmptyInput, MedLensError
+from medlens.knowledge import DOMAINS, load_domain
+
+log = logging.getLogger("medlens.api")
+
+# Built from the knowledge packs (data), so a new domain appears in the schema by itself.
+DomainChoice = Literal[("auto", *DOMAINS)]  # type: ignore[valid-type]
+PackChoice = Literal[DOMAINS]  # type: ignore[valid-type]
+LOCAL_KEY_ID = "local"  # audit key id for unauthenticated loopback requests
+_NO_LIBRARY = "no case library built yet: build one (see docs/service.md) and restart the API"
+
+
+class ProblemModel(BaseModel):
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    request_id: str | None = None
+
+
+_ERRORS = {
+    s: {"model": ProblemModel, "description": d}
+    for s, d in {
+        400: "Bad input",
+        401: "Missing or invalid API key",
+        403: "Revoked API key",
+        413: "Body or image over the size limit",
+        415: "Not multipart, or not a supported image",
+        422: "Invalid field or undecodable image",
+        503: "Model not ready, overloaded (see Retry-After) or no case library",
+        504: "Analysis timed out",
+    }.items()
+}
+
+
+@dataclass
+class Service:
+    """Everything the routes share; one per app."""
+
+    settings: Settings
+    lens: Any  # medlens.pipeline.MedLens
+    pool: WorkerPool
+    audit: AuditLog
+    keys: KeyStore
+    require_key: bool
+    cases: CaseSearch | None = None
+    cases_given: bool = False
+    ready: bool = False
+    ready_error: str | None = None
+    load_s: float | None = None
+    capabilities: dict[str, bool] = field(
+        default_factory=lambda: {
+            "analyze": True,
+            "search": False,
+            "explain": False,
+            "report": False,
+        }
+    )
+
+    def load(self) -> None:
+        """Load the model, warm every domain's prompt cache, connect the case library."""
+        t0 = time.perf_counter()
+        try:
+            from medlens.io import DecodedImage, StudyContext
+
+            enc = self.lens.encoder
+            y, x = np.mgrid[0:224, 0:224]
+            pixels = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
+            warm = DecodedImage(pixels, StudyContext("png", 224, 224), "warm-up")
+            for domain in DOMAINS:
+                self.lens.analyze(warm, domain=domain, top_k=1)
+            if not self.cases_given:
+                self.cases = load_case_search(self.settings, enc.fingerprint)
+            if self.cases is not None and self.cases.fingerprint != enc.fingerprint:
+                log.warning("case library built with another encoder; search disabled")
+                self.cases = None
+            self.capabilities["search"] = self.cases is not None
+            self.load_s = time.perf_counter() - t0
+            self.ready = True
+            log.info("model %s ready in %.1f s", self.lens.model_name, self.load_s)
+        except MedLensError as exc:
+            self.ready_error = f"{type(exc).__name__}: {exc}"
+            log.error("model failed to load: %s", self.ready_error)
+        except Exception as exc:  # keep serving /healthz and say why /readyz fails
+            self.ready_error = f"{type(exc).__name__}: {exc}"
+            log.exception("model failed to load")
+
+    def require_ready(self) -> None:
+        if self.ready:
+            return
+        if self.ready_error:
+            raise Problem(503, "Model unavailable", self.ready_error, headers={"Retry-After": "60"})
+        raise Problem(
+            503, "Model loading", "the model is still loading", headers={"Retry-After": "5"}
+        )
+
+    def model_info(self) -> dict[str, str] | None:
+        if not self.ready:
+            return None
+        return {"name": self.lens.model_name, "fingerprint": self.lens.encoder.fingerprint}
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer mlk_...")
+_header_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: mlk_...")
+
+
+def api_key_id(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    header_key: Annotated[str | None, Depends(_header_key)],
+) -> str:
+    """The id of the caller's key; ``local`` for key-less loopback use.
+
+    A presented key is always checked (a wrong key is a client bug worth surfacing);
+    a missing key is accepted only when the server listens on loopback alone.
+    """
+    svc = _service(request)
+    presented = bearer.credentials if bearer else header_key
+    if presented is None and not svc.require_key:
+        return LOCAL_KEY_ID
+    try:
+        key_id = svc.keys.check(presented).id
+    except KeyRejected as exc:
+        title = "Unauthorized" if exc.status == 401 else "Forbidden"
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        raise Problem(exc.status, title, exc.detail, headers=headers) from None
+    request.state.api_key_id = key_id
+    return key_id
+
+
+def require_multipart(request: Request) -> None:
+    ctype = request.headers.get("content-type", "")
+    if not ctype.lower().startswith("multipart/form-data"):
+        raise Problem(
+            415,
+            "Unsupported media type",
+            f"send multipart/form-data with the file in field 'image' (got {ctype or 'none'!r})",
+        )
+
+
+KeyId = Annotated[str, Depends(api_key_id)]
+
+
+def _analyze_job(
+    svc: Service,
+    raw: bytes,
+    filename: str | None,
+    symptoms: str | None,
+    domain: str,
+    top_k: int,
+    key_id: str,
+    request_id: str,
+) -> dict[str, Any]:
+    """Runs in a pool thread: decode → analyze → audit. Returns the analysis JSON."""
+    lens = svc.lens
+    decoded = lens.decode(raw, filename)
+    result = lens.analyze(decoded, symptoms=symptoms, domain=domain, top_k=top_k).to_dict()
+    s = svc.settings
+    svc.audit.append(
+        result,
+        request_id=request_id,
+        api_key_id=key_id,
+        knowledge_version=load_domain(result["domain"]).source_hash,
+        case_library_version=svc.cases.version if svc.cases is not None else None,
+        input_bytes=raw if s.audit_store_inputs else None,
+        identifiers=dict(decoded.identifiers.values) if s.audit_store_identifiers else None,
+    )
+    return result
+
+
+async def _run(svc: Service, fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return await svc.pool.run(fn, *args, timeout_s=svc.settings.api_timeout_s)
+    except Overloaded as exc:
+        raise Problem(
+            503,
+            "Overloaded",
+            f"all {svc.pool.capacity} analysis slots are busy; retry after {exc.retry_after_s} s",
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from None
+    except JobTimeout as exc:
+        raise Problem(504, "Timed out", f"{exc} (MEDLENS_API_TIMEOUT_S)") from None
+
+
+def _symptoms(value: str | None) -> str | None:
+    """An empty form field means 'no symptoms' (HTML forms always send the field)."""
+    return value if value is not None and value.strip() else None
+
+
+def _case_out(request: Request, case: Any) -> dict[str, Any]:
+    out = dict(case)
+    out["id"] = str(out["id"])
+    out["thumbnail_url"] = str(request.url_for("case_thumbnail", case_id=out["id"]))
+    return out
+
+
+def _finding_summary(domain_id: str, f: Any) -> dict[str, Any]:
+    return {
+        "id": f.id,
+        "domain": domain_id,
+        "name": f.name,
+        "synonyms": list(f.synonyms),
+        "risk": f.risk,
+        "icd10": list(f.icd10),
+        "snomed": f.snomed,
+    }
+
+
+def build_router() -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/healthz", tags=["service"], summary="The process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @r.get(
+        "/readyz",
+        tags=["service"],
+        summary="The model is loaded and warm",
+        responses={503: _ERRORS[503]},
+    )
+    async def readyz(request: Request) -> dict[str, Any]:
+        svc = _service(request)
+        svc.require_ready()
+        return {"status": "ready", "model": svc.model_info(), "load_s": round(svc.load_s or 0, 2)}
+
+    @r.get("/v1/info", tags=["service"], summary="Version, model, limits and capabilities")
+    async def info(request: Request) -> dict[str, Any]:
+        svc = _service(request)
+        s = svc.settings
+        return {
+            "medlens_version": __version__,
+            "ready": svc.ready,
+            "model": svc.model_info(),
+            "domains": list(DOMAINS),
+            "capabilities": svc.capabilities,
+            "auth_required": svc.require_key,
+            "limits": {
+                "max_upload_bytes": s.api_max_upload_bytes,
+                "max_pixels": s.max_pixels,
+                "max_text_chars": s.max_text_chars,
+                "timeout_s": s.api_timeout_s,
+                "workers": svc.pool.workers,
+                "queue": svc.pool.queue,
+            },
+            "disclaimer": "Research software for decision support only; not a diagnosis.",
+        }
+
+    @r.post(
+        "/v1/analyze",
+        tags=["analysis"],
+        summary="Analyze one image (+ optional symptoms): differential, triage, knowledge",
+        description="Returns the analysis JSON documented in docs/analysis.md (the same as "
+        "`medlens analyze --json`). The request id is in the X-Request-ID header; it is also "
+        "the audit record id.",
+        dependencies=[Depends(require_multipart)],
+        responses={k: v for k, v in _ERRORS.items() if k != 404},
+    )
+    async def analyze(
+        request: Request,
+        key_id: KeyId,
+        image: Annotated[UploadFile, File(description="PNG, JPEG, BMP, TIFF, WebP or DICOM")],
+        symptoms: Annotated[str | None, Form(description="Free-text symptoms")] = None,
+        domain: Annotated[DomainChoice, Form()] = "auto",
+        top_k: Annotated[int, Form(ge=1, le=100)] = 5,
+    ) -> JSONResponse:
+        svc = _service(request)
+        svc.require_ready()
+        raw = await image.read()
+        if not raw:
+            raise EmptyInput("the uploaded file is empty; choose an image or DICOM file")
+        rid = request.state.request_id
+        result = await _run(
+            svc, _analyze_job, svc, raw, image.filename, _symptoms(symptoms), domain, top_k,
+            key_id, rid,
+        )  # fmt: skip
+        return JSONResponse(result, headers={"X-Audit-ID": rid})
+
+    @r.post(
+        "/v1/search",
+        tags=["cases"],
+        summary="Similar cases to an image or a text",
+        dependencies=[Depends(require_multipart)],
+        responses={k: v for k, v in _ERRORS.items() if k != 404},
+    )
+    async def search(
+        request: Request,
+        key_id: KeyId,
+        image: Annotated[UploadFile | None, File(description="Query image")] = None,
+        text: Annotated[str | None, Form(description="Query text, e.g. a finding")] = None,
+        domain: Annotated[DomainChoice, Form()] = "auto",
+        k: Annotated[int, Form(ge=1, le=50)] = 8,
+    ) -> dict[str, Any]:
+        svc = _service(request)
+        svc.require_ready()
+        if svc.cases is None:
+            raise Problem(503, "No case library", _NO_LIBRARY, kind="no-case-library")
+        raw = await image.read() if image is not None else b""
+        text = _symptoms(text)
+        if not raw and text is None:
+            raise Problem(422, "Invalid request", "send an image (field 'image') or a 'text'")
+        cases = svc.cases
+
+        def job() -> tuple[list[Any], dict[str, Any]]:
+            enc = svc.lens.encoder
+            if raw:
+                decoded = svc.lens.decode(raw, image.filename if image else None)
+                emb = enc.embed_images([decoded.pixels])[0]
+                query = {"kind": "image", "content_hash": decoded.content_hash}
+            else:
+                from medlens.analysis.symptoms import clean_symptoms, text_hash
+
+                cleaned = clean_symptoms(text, svc.settings.max_text_chars) or ""
+                emb = enc.embed_texts([cleaned])[0]
+                query = {"kind": "text", "sha256": text_hash(cleaned)}
+            hits = cases.search(emb, k=k, domain=None if domain == "auto" else domain)
+            return list(hits), query
+
+        hits, query = await _run(svc, job)
+        return {
+            "query": query,
+            "library": {"version": cases.version},
+            "results": [_case_out(request, h) for h in hits],
+        }
+
+    @r.get(
+        "/v1/cases/{case_id}",
+        tags=["cases"],
+        summary="One case of the library",
+        responses={k: _ERRORS[k] for k in (401, 403, 503)} | {404: {"model": ProblemModel}},
+    )
+    async def get_case(request: Request, case_id: str, key_id: KeyId) -> dict[str, Any]:
+        cases = _cases(request)
+        case = cases.get_case(case_id)
+        if case is None:
+            raise Problem(404, "Not found", f"no case with id {case_id!r}")
+        return _case_out(request, case)
+
+    @r.get(
+        "/v1/cases/{case_id}/thumbnail",
+        tags=["cases"],
+        name="case_thumbnail",
+        summary="A case's preview image",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}}
+        | {k: _ERRORS[k] for k in (401, 403, 503)}
+        | {404: {"model": ProblemModel}},
+    )
+    async def case_thumbnail(request: Request, case_id: str, key_id: KeyId) -> Response:
+        thumb = _cases(request).thumbnail(case_id)
+        if thumb is None:
+            raise Problem(404, "Not found", f"no thumbnail for case {case_id!r}")
+        data, media_type = thumb
+        return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
+
+    @r.get("/v1/findings", tags=["knowledge"], summary="Findings of the knowledge packs")
+    async def findings(
+        key_id: KeyId,
+        domain: Annotated[PackChoice | None, Query()] = None,
+    ) -> dict[str, Any]:
+        ids = [domain] if domain else list(DOMAINS)
+        rows = [_finding_summary(d, f) for d in ids for f in load_domain(d).findings]
+        return {"findings": rows}
+
+    @r.get(
+        "/v1/findings/{finding_id}",
+        tags=["knowledge"],
+        summary="One finding: description by section, next step, codes, source",
+        responses={404: {"model": ProblemModel}},
+    )
+    async def finding(
+        finding_id: str,
+        key_id: KeyId,
+        domain: Annotated[PackChoice | None, Query()] = None,
+    ) -> dict[str, Any]:
+        for d in [domain] if domain else DOMAINS:
+            pack = load_domain(d)
+            if finding_id in pack.finding_ids:
+                f = pack.finding(finding_id)
+                return {
+                    **_finding_summary(d, f),
+                    "description": f.description.sections(),
+                    "next_step": f.next_step,
+                    "source": f"medlens/knowledge/{d}.yaml#{f.id}",
+                    "knowledge_version": pack.source_hash,
+                }
+        raise Problem(404, "Not found", f"no finding with id {finding_id!r}")
+
+    return r
+
+
+def _cases(request: Request) -> CaseSearch:
+    svc = _service(request)
+    svc.require_ready()
+    if svc.cases is None:
+        raise Problem(503, "No case library", _NO_LIBRARY, kind="no-case-library")
+    return svc.cases
+
+
+class RequestContext:
+    """Give each request an id (X-Request-ID, audit id) and log one line per request.
+
+    Plain ASGI rather than ``@app.middleware``: Starlette's BaseHTTPMiddleware wraps the
+    receive channel in a task group, which turns the upload limit's 413 into a 400.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        status, t0 = 0, time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            log.info(
+                "%s %s %d %.0f ms key=%s rid=%s",
+                scope["method"],
+                scope["path"],
+                status,
+                (time.perf_counter() - t0) * 1000,
+                state.get("api_key_id", "-"),
+                rid,
+            )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    lens: Any = None,
+    require_key: bool | None = None,
+    case_search: CaseSearch | None = None,
+    extra_routers: Sequence[tuple[APIRouter, str]] = (),
+    load_in_background: bool = True,
+) -> FastAPI:
+    """Build the service.
+
+    ``require_key`` defaults to ``settings.api_require_key`` (the server command turns it
+    on whenever it listens beyond loopback). ``case_search`` overrides the
+    ``load_case_search`` hook. ``extra_routers`` is the hook for later features
+    (heatmaps, reports): each (router, capability name) is mounted and announced in
+    ``/v1/info`` capabilities, which the UI reads to show its panels.
+    """
+    from medlens.pipeline import MedLens
+
+    s = settings or get_settings()
+    svc = Service(
+        settings=s,
+        lens=lens or MedLens(settings=s),
+        pool=WorkerPool(s.api_workers, s.api_queue),
+        audit=AuditLog.from_settings(s),
+        keys=KeyStore(s.api_keys_file),
+        require_key=s.api_require_key if require_key is None else require_key,
+        cases=case_search,
+        cases_given=case_search is not None,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = threading.Thread(target=svc.load, name="medlens-load", daemon=True)
+        loader.start()
+        if not load_in_background:
+            await asyncio.to_thread(loader.join)
+        try:
+            yield
+        finally:
+            svc.pool.shutdown()
+            svc.audit.close()
+
+    app = FastAPI(
+        title="MedLens API",
+        version=__version__,
+        description="Zero-shot differential, triage and clinical knowledge for medical images. "
+        "**Research software for decision support only; not a diagnosis.**",
+        lifespan=lifespan,
+    )
+    app.state.service = svc
+    problems.install(app)
+    app.include_router(build_router())
+    for router, capability in extra_routers:
+        app.include_router(router)
+        svc.capabilities[capability] = True
+
+    app.add_middleware(problems.UploadLimit, limit=s.api_max_upload_bytes)
+    app.add_middleware(RequestContext)  # outermost: every answer carries X-Request-ID
+    if s.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(s.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            expose_headers=["X-Request-ID", "X-Audit-ID", "Retry-After"],
+        )
+    return app

@@ -1,0 +1,292 @@
+"""CLI commands for the service: ``serve``, ``ui``, ``keys``, ``audit`` and ``demo``.
+
+``medlens.cli`` calls ``register(app)`` and points ``demo`` at ``demo_command`` (or
+``run_demo``). ``medlens.cli`` imports this module, so it is imported back lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from medlens.config import get_settings
+from medlens.errors import ConfigError
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """medlens.cli.friendly, resolved at call time (medlens.cli imports this module)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from medlens.cli import friendly
+
+        return friendly(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+# -- serve / ui ------------------------------------------------------------------------
+@_friendly
+def serve_command(
+    host: str | None = typer.Option(
+        None,
+        help="Listen address (default MEDLENS_API_HOST or 127.0.0.1). Anything beyond "
+        "loopback requires API keys.",
+    ),
+    port: int | None = typer.Option(None, help="Port (default MEDLENS_API_PORT or 8000)."),
+    model: str | None = typer.Option(None, help="Encoder name (default: lite or MEDLENS_MODEL)."),
+    workers: int | None = typer.Option(None, min=1, help="Model worker threads."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Run the HTTP API (OpenAPI docs at /docs)."""
+    from medlens.api.server import serve
+
+    serve(host, port, model=model, workers=workers, log_level=log_level)  # fmt: skip
+
+
+@_friendly
+def ui_command(
+    api_url: str | None = typer.Option(None, help="API base URL (default MEDLENS_API_URL)."),
+    host: str = typer.Option("127.0.0.1", help="UI listen address."),
+    port: int | None = typer.Option(None, help="UI port (default MEDLENS_UI_PORT or 8501)."),
+) -> None:
+    """Run the Streamlit clinician UI against a running API."""
+    import subprocess
+
+    from medlens.api.launch import ui_command as command
+
+    s = get_settings()
+    env = {"MEDLENS_API_URL": api_url or s.api_url}
+    proc = subprocess.Popen(
+        command(host, port or s.ui_port, s.api_max_upload_bytes // 2**20),
+        env={**os.environ, **env},
+    )
+    try:
+        raise typer.Exit(proc.wait())
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(10)
+
+
+# -- keys --------------------------------------------------------------------------------
+keys_app = typer.Typer(help="API keys (only their hashes are stored).", no_args_is_help=True)
+
+
+@keys_app.command("create")
+@_friendly
+def keys_create(name: str = typer.Argument(..., help="Who or what uses the key.")) -> None:
+    """Create a key and print it once."""
+    from medlens.api.keys import KeyStore
+
+    store = KeyStore(get_settings().api_keys_file)
+    plain, entry = store.create(name)
+    _console(stderr=True).print(
+        f"created key [bold]{entry.id}[/bold] ({entry.name}); store it now, it is not shown "
+        f"again. Send it as 'Authorization: Bearer <key>'. Hashes live in {store.path}"
+    )
+    sys.stdout.write(plain + "\n")
+
+
+@keys_app.command("revoke")
+@_friendly
+def keys_revoke(
+    key_id: str = typer.Argument(..., help="Key id (see `medlens keys list`)."),
+) -> None:
+    """Revoke a key (takes effect at once, no restart)."""
+    from medlens.api.keys import KeyStore
+
+    entry = KeyStore(get_settings().api_keys_file).revoke(key_id)
+    _console().print(f"revoked {entry.id} ({entry.name}) at {entry.revoked}")
+
+
+@keys_app.command("list")
+@_friendly
+def keys_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List keys (ids, names, dates; never the keys)."""
+    from rich.table import Table
+
+    from medlens.api.keys import KeyStore
+
+    keys = KeyStore(get_settings().api_keys_file).list()
+    if as_json:
+        sys.stdout.write(json.dumps([k.public() for k in keys]) + "\n")
+        return
+    table = Table(title="API keys")
+    for col in ("id", "name", "created", "status"):
+        table.add_column(col)
+    for k in keys:
+        table.add_row(k.id, k.name, k.created, "active" if k.active else f"revoked {k.revoked}")
+    _console().print(table)
+
+
+# -- audit -------------------------------------------------------------------------------
+audit_app = typer.Typer(help="The audit trail of analyses (append-only).", no_args_is_help=True)
+
+
+def _audit() -> Any:
+    from medlens.audit import AuditLog
+
+    return AuditLog.from_settings()
+
+
+@audit_app.command("list")
+@_friendly
+def audit_list(
+    limit: int = typer.Option(20, min=1, help="Newest N records."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List the newest analyses."""
+    from rich.table import Table
+
+    records = _audit().list(limit)
+    if as_json:
+        rows = [{k: v for k, v in r.to_dict().items() if k != "output"} for r in records]
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
+    table = Table(title=f"Audit trail (newest {limit})")
+    for col in ("#", "id", "time (UTC)", "key", "model", "domain", "top finding", "triage"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(
+            str(r.seq), r.id, r.created_at, r.api_key_id,
+            f"{r.model_name}@{r.model_fingerprint[:8]}", r.domain, r.top_finding, r.triage_level,
+        )  # fmt: skip
+    _console().print(table)
+
+
+@audit_app.command("show")
+@_friendly
+def audit_show(record_id: str = typer.Argument(..., help="Request id or sequence number.")) -> None:
+    """Print one record (with the full analysis output) as JSON."""
+    record = _audit().get(record_id)
+    if record is None:
+        raise ConfigError(f"no audit record {record_id!r} (see `medlens audit list`)")
+    sys.stdout.write(json.dumps(record.to_dict(), indent=2, ensure_ascii=False) + "\n")
+
+
+@audit_app.command("export")
+@_friendly
+def audit_export(
+    out: Path | None = typer.Option(None, help="JSONL file (default: stdout)."),
+    include_inputs: bool = typer.Option(
+        False, help="Include stored input bytes (base64), when the site stores them."
+    ),
+) -> None:
+    """Export every record as JSON lines (hash-chain fields included)."""
+    log = _audit()
+    if out is None:
+        log.export_jsonl(sys.stdout, include_inputs=include_inputs)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as fh:
+        n = log.export_jsonl(fh, include_inputs=include_inputs)
+    _console(stderr=True).print(f"exported {n} records to {out}")
+
+
+@audit_app.command("verify")
+@_friendly
+def audit_verify() -> None:
+    """Check the hash chain: exit 1 if any record was altered or removed."""
+    ok, n, bad = _audit().verify()
+    if ok:
+        _console().print(f"audit trail intact: {n} records")
+        return
+    _console(stderr=True).print(f"[red]audit trail broken at record {bad}[/red] ({n} checked)")
+    raise typer.Exit(1)
+
+
+# -- demo --------------------------------------------------------------------------------
+def run_demo(
+    model: str | None = None,
+    api_port: int | None = None,
+    ui_port: int | None = None,
+    host: str = "127.0.0.1",
+    ready_timeout_s: float = 600.0,
+) -> None:
+    """Start API + UI on localhost, print the URLs, stop both on Ctrl-C / SIGTERM."""
+    from medlens.api import launch
+    from medlens.api.cases import build_demo_case_library
+
+    s = get_settings()
+    con = _console()
+    if s.data is not None:
+        build_demo_case_library(s)
+    ports = []
+    for wanted, default in ((api_port, s.api_port), (ui_port, s.ui_port)):
+        port = wanted or default
+        if not launch.port_is_free(host, port):
+            if wanted:
+                raise ConfigError(f"port {port} on {host} is in use; choose another")
+            port = launch.free_port(host)
+        ports.append(port)
+    api_url = f"http://{host}:{ports[0]}"
+    logs = s.logs_dir
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def _term(_sig: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _term)
+    api = ui = None
+    try:
+        api = launch.start(launch.api_command(host, ports[0], model), log_file=logs / "api.log")
+        ui = launch.start(
+            launch.ui_command(host, ports[1], s.api_max_upload_bytes // 2**20),
+            env={"MEDLENS_API_URL": api_url},
+            log_file=logs / "ui.log",
+        )
+        with con.status("starting the API (loading the model) and the UI…"):
+            t_api = launch.wait_http_ok(f"{api_url}/readyz", api, ready_timeout_s, "the API")
+            launch.wait_http_ok(
+                f"http://{host}:{ports[1]}/_stcore/health", ui, ready_timeout_s, "the UI"
+            )
+        con.print(f"[bold green]MedLens is running[/bold green] (model ready in {t_api:.1f} s)")
+        con.print(f"  UI:       http://{host}:{ports[1]}")
+        con.print(f"  API:      {api_url}   docs: {api_url}/docs")
+        con.print(f"  logs:     {logs}/api.log, {logs}/ui.log")
+        con.print("[dim]Decision support only; not a diagnosis. Press Ctrl-C to stop.[/dim]")
+        while True:
+            for name, proc in (("the API", api), ("the UI", ui)):
+                if proc.poll() is not None:
+                    raise ConfigError(
+                        f"{name} stopped unexpectedly (exit {proc.returncode}); see {logs}"
+                    )
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        con.print("stopping…")
+    finally:
+        launch.stop(ui, api)
+        signal.signal(signal.SIGTERM, previous)
+
+
+@_friendly
+def demo_command(
+    model: str | None = typer.Option(None, help="Encoder name (default: lite)."),
+    api_port: int | None = typer.Option(None, help="API port (default 8000, or a free one)."),
+    ui_port: int | None = typer.Option(None, help="UI port (default 8501, or a free one)."),
+) -> None:
+    """Start the API and the clinician UI on localhost; Ctrl-C stops both."""
+    run_demo(model=model, api_port=api_port, ui_port=ui_port)
+
+
+def register(app: typer.Typer) -> None:
+    """Add serve, ui, keys and audit to the ``medlens`` app (demo is wired by the caller)."""
+    app.command("serve")(serve_command)
+    app.command("ui")(ui_command)
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(audit_app, name="audit")

@@ -1,0 +1,247 @@
+"""CLI commands of the retrieval part: ``index``, ``search``, ``cache info|prune``.
+
+``register(app)`` adds them to the ``medlens`` Typer app (cli.py wires it). Errors go
+through ``medlens.cli.friendly`` (one line, exit 2), imported lazily: cli imports us.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``medlens.cli.friendly`` applied at call time (avoids a circular import)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from medlens.cli import friendly
+
+        return friendly(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+def _consoles():
+    from rich.console import Console
+
+    return Console(), Console(stderr=True)
+
+
+def _progress(err):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    )
+
+
+def index(
+    source: str | None = typer.Argument(
+        None, help="Dataset name (isic2018, covid_chestxray, ...), a folder, or a CSV manifest."
+    ),
+    domain: str | None = typer.Option(
+        None, help="dermatology | chest_xray (needed for plain folders and CSVs)."
+    ),
+    model: str | None = typer.Option(None, help="Encoder (default: lite or MEDLENS_MODEL)."),
+    name: str | None = typer.Option(
+        None, "--name", help="Library name (default: MEDLENS_LIBRARY or 'default')."
+    ),
+    limit: int | None = typer.Option(None, min=1, help="Index a label-balanced subset."),
+    batch_size: int = typer.Option(32, min=1, help="Images per forward batch."),
+    workers: int = typer.Option(2, min=0, help="DataLoader decoding workers."),
+    refresh: bool = typer.Option(False, help="Rewrite points already indexed."),
+    check: bool = typer.Option(
+        False, "--check", help="Report libraries that are stale against their data or model."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Index images with their labels, text and metadata into a case library."""
+    from medlens.config import get_settings
+    from medlens.errors import ConfigError
+    from medlens.retrieval.library import check_libraries, ingest, load_source, subset
+
+    out, err = _consoles()
+    settings = get_settings()
+    lib = name or settings.library
+    if check:
+        rows = check_libraries([lib] if name else None)
+        if as_json:
+            sys.stdout.write(json.dumps({"libraries": rows}) + "\n")
+        for r in rows if not as_json else []:
+            state = "[red]STALE[/red]" if r["stale"] else "[green]up to date[/green]"
+            out.print(f"{r['library']} / {r['collection']} ({r['points']} points): {state}")
+            for why in r["reasons"]:
+                out.print(f"  - {why}")
+        if not rows:
+            out.print("no libraries yet: run `medlens index DATASET`")
+        if any(r["stale"] for r in rows):
+            raise typer.Exit(1)
+        return
+    if source is None:
+        raise ConfigError("give a dataset name, folder or CSV to index (or --check)")
+    from medlens.models import load_encoder
+
+    manifest, desc = load_source(source, domain)
+    if limit is not None and limit < len(manifest.records):
+        manifest = subset(manifest, limit)
+        desc = {**desc, "subset": limit}
+    encoder = load_encoder(model or settings.model, device=settings.device)
+    with _progress(err) as progress:
+        task = progress.add_task(f"indexing {manifest.name}", total=len(manifest.records))
+        rep = ingest(
+            manifest,
+            encoder,
+            lib,
+            source=desc,
+            batch_size=batch_size,
+            workers=workers,
+            refresh=refresh,
+            advance=lambda n: progress.advance(task, n),
+        )
+    if as_json:
+        sys.stdout.write(json.dumps(rep.to_dict()) + "\n")
+        return
+    out.print(
+        f"[bold]{rep.library}[/bold] / {rep.collection}: {rep.indexed} new, "
+        f"{rep.already_indexed} already indexed, {rep.image_forward} images through the "
+        f"model, {rep.image_cache_hits} from the cache, {len(rep.failed)} failed "
+        f"({rep.seconds} s)"
+    )
+    for f in rep.failed[:5]:
+        err.print(f"  skipped {f}")
+
+
+def search(
+    image: Path | None = typer.Option(None, "--image", help="Query image (or DICOM)."),
+    text: str | None = typer.Option(None, "--text", help="Query text (finding, report...)."),
+    target: str = typer.Option(
+        "image", help="Search the cases' images or their text (reports, notes)."
+    ),
+    library: str | None = typer.Option(None, "--library", help="Library name."),
+    domain: str | None = typer.Option(None, help="Restrict to one domain."),
+    filters: list[str] | None = typer.Option(
+        None, "--filter", help="FIELD=VALUE, FIELD=A,B or FIELD>=N (label, age, sex, view...)."
+    ),
+    k: int = typer.Option(10, "-k", "--k", min=1, max=1000, help="How many results."),
+    model: str | None = typer.Option(None, help="Encoder (default: lite or MEDLENS_MODEL)."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"results": [...]}.'),
+) -> None:
+    """Find similar cases by image or by text, with filters."""
+    from medlens.config import get_settings
+    from medlens.errors import ConfigError
+    from medlens.models import load_encoder
+    from medlens.retrieval.library import collections_for
+    from medlens.retrieval.library import search as lib_search
+    from medlens.retrieval.store import parse_filter
+
+    if (image is None) == (text is None):
+        raise ConfigError("give exactly one of --image PATH or --text TEXT")
+    conds = [parse_filter(f) for f in filters or []]
+    settings = get_settings()
+    lib = library or settings.library
+    encoder = load_encoder(model or settings.model, device=settings.device)
+    if not collections_for(lib, encoder.fingerprint, domain):
+        raise ConfigError(
+            f"library {lib!r} has nothing indexed with model {encoder.name} "
+            f"({encoder.fingerprint}){' for ' + domain if domain else ''}: run "
+            f"`medlens index DATASET --name {lib}` first"
+        )
+    if image is not None:
+        from medlens.io import load_image
+
+        if not image.is_file():
+            raise ConfigError(f"{image} is not a file")
+        vec = encoder.embed_images([load_image(image).pixels])[0]
+    else:
+        from medlens.analysis.symptoms import clean_symptoms
+
+        vec = encoder.embed_texts([clean_symptoms(text, settings.max_text_chars) or ""])[0]
+    results = lib_search(
+        vec, encoder.fingerprint, using=target, library=lib, domain=domain, k=k, filters=conds
+    )
+    if as_json:
+        sys.stdout.write(json.dumps({"results": results}, ensure_ascii=False) + "\n")
+        return
+    _print_results(results)
+
+
+def _print_results(results: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    out, _ = _consoles()
+    table = Table(title=f"{len(results)} similar cases")
+    for col in ("#", "similarity", "case", "labels", "text", "thumbnail"):
+        table.add_column(col)
+    for i, r in enumerate(results, 1):
+        txt = (r.get("text") or "")[:60]
+        table.add_row(
+            str(i),
+            f"{r['similarity']:.3f}",
+            f"{r['dataset']}:{r['case_id']}",
+            ", ".join(r["labels"]),
+            txt,
+            r.get("thumbnail") or "",
+        )
+    out.print(table)
+
+
+def cache_info(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Where the cache is, how big, and which models it holds."""
+    from medlens.retrieval.cache import EmbeddingCache
+
+    info = EmbeddingCache().info()
+    if as_json:
+        sys.stdout.write(json.dumps(info) + "\n")
+        return
+    out, _ = _consoles()
+    out.print(f"{info['path']}: {info['entries']} embeddings, {info['bytes'] / 2**20:.1f} MiB")
+    for g in info["groups"]:
+        out.print(f"  {g['model']} {g['name'] or ''} {g['kind']}: {g['entries']}")
+
+
+def cache_prune(
+    keep_model: list[str] | None = typer.Option(
+        None, "--keep-model", help="Keep only these models' entries (default: MEDLENS_MODEL)."
+    ),
+    older_than: float | None = typer.Option(None, help="Only entries older than N days."),
+    everything: bool = typer.Option(False, "--all", help="Empty the cache."),
+) -> None:
+    """Delete cached embeddings of other models (and/or old ones)."""
+    from medlens.config import get_settings
+    from medlens.models import load_encoder
+    from medlens.retrieval.cache import EmbeddingCache
+
+    keep = None
+    if not everything:
+        s = get_settings()
+        keep = [load_encoder(m, device=s.device).fingerprint for m in (keep_model or [s.model])]
+    n = EmbeddingCache().prune(keep_models=keep, older_than_days=older_than, everything=everything)
+    out, _ = _consoles()
+    out.print(f"deleted {n} cached embeddings")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``index``, ``search`` and ``cache`` to the medlens app."""
+    app.command("index")(_friendly(index))
+    app.command("search")(_friendly(search))
+    cache_app = typer.Typer(help="The on-disk embedding cache.", no_args_is_help=True)
+    cache_app.command("info")(_friendly(cache_info))
+    cache_app.command("prune")(_friendly(cache_prune))
+    app.add_typer(cache_app, name="cache")

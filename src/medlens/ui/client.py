@@ -1,0 +1,87 @@
+"""A small client for the MedLens API, used by the Streamlit UI (and handy in notebooks).
+
+Errors come back as ``ApiError`` carrying the problem JSON's status, title and detail,
+so the UI can show the service's own one-line message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, title: str, detail: str, retry_after: str | None = None):
+        super().__init__(f"{title}: {detail}")
+        self.status, self.title, self.detail, self.retry_after = status, title, detail, retry_after
+
+
+class ApiClient:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 120.0):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # trust_env=False: a proxy from the environment must never see images or keys.
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s, trust_env=False
+        )
+        self.base_url = base_url.rstrip("/")
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _check(self, r: httpx.Response) -> httpx.Response:
+        if r.status_code < 400:
+            return r
+        try:
+            body = r.json()
+            title, detail = body.get("title", "Error"), body.get("detail", r.text)
+        except ValueError:
+            title, detail = f"HTTP {r.status_code}", r.text[:200]
+        raise ApiError(r.status_code, title, detail, r.headers.get("Retry-After"))
+
+    def _get(self, path: str, **params: Any) -> Any:
+        try:
+            return self._check(self._http.get(path, params=params or None)).json()
+        except httpx.TransportError as exc:
+            raise ApiError(0, "API unreachable", f"{self.base_url}: {exc}") from exc
+
+    def _post(self, path: str, files: dict[str, Any], data: dict[str, Any]) -> Any:
+        try:
+            return self._check(self._http.post(path, files=files, data=data)).json()
+        except httpx.TransportError as exc:
+            raise ApiError(0, "API unreachable", f"{self.base_url}: {exc}") from exc
+
+    # -- endpoints ---------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return self._get("/v1/info")
+
+    def analyze(
+        self,
+        image: bytes,
+        filename: str,
+        *,
+        symptoms: str | None = None,
+        domain: str = "auto",
+        top_k: int = 5,
+    ) -> dict[str, Any]:
+        data: dict[str, Any] = {"domain": domain, "top_k": str(top_k)}
+        if symptoms and symptoms.strip():
+            data["symptoms"] = symptoms
+        return self._post("/v1/analyze", {"image": (filename, image)}, data)
+
+    def search(
+        self, image: bytes, filename: str, *, domain: str = "auto", k: int = 8
+    ) -> dict[str, Any]:
+        return self._post(
+            "/v1/search", {"image": (filename, image)}, {"domain": domain, "k": str(k)}
+        )
+
+    def finding(self, finding_id: str, domain: str | None = None) -> dict[str, Any]:
+        return self._get(f"/v1/findings/{finding_id}", **({"domain": domain} if domain else {}))
+
+    def fetch(self, url: str) -> bytes:
+        """Raw bytes of an absolute or API-relative URL (case thumbnails)."""
+        try:
+            return self._check(self._http.get(url)).content
+        except httpx.TransportError as exc:
+            raise ApiError(0, "API unreachable", f"{self.base_url}: {exc}") from exc

@@ -1,0 +1,165 @@
+"""End to end: the MedLens facade and the CLI on real sample images with the shipped lite model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from medlens import MedLens
+from medlens.cli import app
+from medlens.errors import ConfigError, CorruptImage, InvalidText
+from medlens.knowledge import load_domain
+
+SKIN = "isic2018-task3-test/images/ISIC_0034524.jpg"
+CXR = "cxr-samples/00000001_000.png"
+DICOM = "cxr-samples/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+
+
+@pytest.fixture(scope="module")
+def lens() -> MedLens:
+    return MedLens()
+
+
+def test_skin_image_gives_a_dermatology_differential(lens, data_dir):
+    r = lens.analyze(data_dir / SKIN)
+    d = r.to_dict()
+    assert d["domain"] == "dermatology" and d["domain_detection"]["source"] == "image"
+    probs = [f["probability"] for f in r.findings]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-3)  # single-label: a full differential
+    assert probs == sorted(probs, reverse=True)
+    assert len(d["findings"]) == 5
+    assert {"id", "name", "probability", "icd10", "risk"} <= set(d["findings"][0])
+    assert d["triage"]["level"] in {"urgent", "soon", "routine"} and d["triage"]["reason"]
+    assert d["descriptions"][0]["sections"]["presentation"]
+    assert d["model"]["fingerprint"] == lens.encoder.fingerprint
+
+
+def test_chest_xray_png_and_dicom_go_to_the_chest_pack(lens, data_dir):
+    png = lens.analyze(data_dir / CXR).to_dict()
+    assert png["domain"] == "chest_xray"
+    dcm = lens.analyze(data_dir / DICOM).to_dict()
+    assert dcm["domain"] == "chest_xray"
+    ids = {f.id for f in load_domain("chest_xray").findings}
+    assert {f["id"] for f in png["findings"]} <= ids
+
+
+def test_domain_can_be_forced(lens, data_dir):
+    r = lens.analyze(data_dir / CXR, domain="dermatology")
+    assert r.domain == "dermatology" and r.domain_source == "given"
+
+
+def test_symptoms_change_the_differential_and_are_never_echoed(lens, data_dir):
+    text = "itchy dry red patches in the elbow creases since childhood, flares in winter"
+    base = lens.analyze(data_dir / SKIN).to_dict()
+    with_sym = lens.analyze(data_dir / SKIN, symptoms=text).to_dict()
+    assert with_sym["symptoms"]["closest_findings"]
+    assert with_sym["findings"] != base["findings"]
+    assert text not in json.dumps(with_sym)
+    eczema = {f["id"] for f in with_sym["symptoms"]["closest_findings"]}
+    assert eczema & {
+        "atopic_dermatitis",
+        "nummular_eczema",
+        "hand_dermatitis",
+        "lichen_simplex",
+        "pruritus",
+        "prurigo",
+    }
+
+
+def test_same_input_same_output(lens, data_dir):
+    a = lens.analyze(data_dir / SKIN).to_dict()
+    b = lens.analyze((data_dir / SKIN).read_bytes()).to_dict()
+    assert (
+        a["findings"] == b["findings"] and a["input"]["content_hash"] == b["input"]["content_hash"]
+    )
+
+
+def test_bad_inputs_raise_typed_errors(lens, tmp_path):
+    broken = tmp_path / "x.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 50)
+    with pytest.raises(CorruptImage):
+        lens.analyze(broken)
+    with pytest.raises(ConfigError):
+        lens.analyze(broken, domain="cardiology")
+    with pytest.raises(InvalidText):
+        lens.analyze(broken, symptoms="y" * 100_000)
+
+
+runner = CliRunner()
+
+
+def test_cli_json_schema(data_dir):
+    res = runner.invoke(app, ["analyze", str(data_dir / SKIN), "--json", "--top-k", "3"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert {"domain", "model", "findings", "triage"} <= set(d)
+    assert len(d["findings"]) == 3
+    assert {"name", "fingerprint"} <= set(d["model"])
+    assert {"level", "reason"} <= set(d["triage"])
+
+
+def test_cli_table_output(data_dir):
+    res = runner.invoke(app, ["analyze", str(data_dir / CXR)])
+    assert res.exit_code == 0, res.output
+    assert "Triage" in res.stdout and "Differential" in res.stdout
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "medlens.cli", "analyze", str(text)], capture_output=True, text=True
+    )
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert "UnsupportedImage" in res.stderr
+
+
+def test_cli_missing_file_exit_2(tmp_path):
+    res = runner.invoke(app, ["analyze", str(tmp_path / "nope.png")])
+    assert res.exit_code == 2
+
+
+def test_cli_folder_mode_writes_jsonl_and_records_failures(data_dir, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("00000001_000.png", "h0001.png"):
+        (folder / name).write_bytes((data_dir / "cxr-samples" / name).read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "out.jsonl"
+    res = runner.invoke(app, ["analyze", str(folder), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3
+    assert sum("error" in r for r in rows) == 1
+    assert all(r["domain"] == "chest_xray" for r in rows if "error" not in r)
+    csv_out = tmp_path / "out.csv"
+    assert runner.invoke(app, ["analyze", str(folder), "--out", str(csv_out)]).exit_code == 0
+    assert csv_out.read_text().splitlines()[0].startswith("file,domain,top_finding")
+
+
+def test_patient_identifiers_never_reach_output_logs_or_caches(data_dir, tmp_path, monkeypatch):
+    import pydicom
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("MEDLENS_HOME", str(home))
+    ds = pydicom.dcmread(data_dir / DICOM)
+    ds.PatientName = "Doe^Janet"
+    ds.PatientBirthDate = "19510203"
+    ds.PatientAddress = "12 Harbour Road, Springfield"
+    path = tmp_path / "study.dcm"
+    ds.save_as(path)
+    res = runner.invoke(app, ["analyze", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    secrets = ["Doe", "Janet", "19510203", "Harbour", str(ds.PatientID)]
+    assert not any(s in res.stdout for s in secrets)
+    written = [p for p in home.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".log" for p in written)  # logging did happen
+    for p in written:
+        blob = p.read_bytes()
+        assert not any(s.encode() in blob for s in secrets), p

@@ -1,0 +1,105 @@
+"""The clinician UI in a real browser: Debian's chromium driven by Playwright.
+
+The test starts the API and the Streamlit UI itself on free loopback ports, uploads a
+real sample image, waits for the triage banner and the differential chart, saves
+docs/screenshots/ui.png and stops both processes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from medlens.api import launch
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshots" / "ui.png"
+SAMPLE = "isic2018-task3-test/images/ISIC_0034524.jpg"
+
+
+def _require_chromium() -> str:
+    path = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
+    if not path:
+        pytest.fail(
+            "chromium is not installed: run `apt-get update && apt-get install -y chromium` "
+            "(the browser test drives Debian's chromium through Playwright)",
+            pytrace=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
+    """API + UI on free loopback ports, with their own MEDLENS_HOME; stopped afterwards."""
+    _require_chromium()  # fail before spending a minute on start-up
+    home = tmp_path_factory.mktemp("ui_home")
+    api_port, ui_port = launch.free_port(), launch.free_port()
+    env = {"MEDLENS_HOME": str(home), "MEDLENS_DATA": str(data_dir)}
+    api = launch.start(
+        launch.api_command("127.0.0.1", api_port), env=env, log_file=home / "api.log"
+    )
+    ui = None
+    try:
+        ui = launch.start(
+            launch.ui_command("127.0.0.1", ui_port),
+            env={**env, "MEDLENS_API_URL": f"http://127.0.0.1:{api_port}"},
+            log_file=home / "ui.log",
+        )
+        launch.wait_http_ok(f"http://127.0.0.1:{api_port}/readyz", api, 300, "the API")
+        launch.wait_http_ok(f"http://127.0.0.1:{ui_port}/_stcore/health", ui, 120, "the UI")
+        yield {"ui": f"http://127.0.0.1:{ui_port}", "home": home}
+    finally:
+        launch.stop(ui, api)
+
+
+@pytest.mark.slow
+def test_upload_analyze_screenshot(stack: dict, data_dir: Path) -> None:
+    chromium = _require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            page.goto(stack["ui"], wait_until="domcontentloaded")
+            notice = page.get_by_text("Decision support only — not a diagnosis.", exact=True)
+            expect(notice).to_be_visible(timeout=60_000)
+            page.locator("input[type=file]").set_input_files(str(data_dir / SAMPLE))
+            w, h = Image.open(data_dir / SAMPLE).size
+            expect(page.get_by_text(f"JPEG {w}×{h}")).to_be_visible(timeout=30_000)  # preview
+            page.get_by_role("textbox", name="Symptoms (optional)").fill(
+                "itchy, has grown over three months, sometimes bleeds"
+            )
+            page.get_by_role("button", name="Analyze").click()
+            banner = page.locator(".st-key-ml-triage")
+            expect(banner).to_contain_text("Triage:", timeout=60_000)
+            chart = page.locator(".st-key-ml-differential canvas, .st-key-ml-differential svg")
+            expect(chart.first).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("Similar cases", exact=True)).to_be_visible()
+            expect(page.get_by_text("No case library built yet")).to_be_visible()
+            text = banner.inner_text()
+            assert any(level in text for level in ("URGENT", "SOON", "ROUTINE")), text
+            expect(page.get_by_text("Source: ").first).to_be_visible()
+            page.wait_for_timeout(500)  # let the chart finish its transition
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+    assert SCREENSHOT.stat().st_size > 20_000
+    # The analysis went through the API and into the audit trail.
+    from medlens.audit import AuditLog
+
+    log = AuditLog(f"sqlite:///{stack['home'] / 'audit.db'}")
+    assert log.count() == 1 and log.list(1)[0].input_format == "jpeg"
