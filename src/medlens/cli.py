@@ -326,9 +326,12 @@ def eval_cmd(
 
 def _register_subsystems() -> None:
     """Commands that live with their subsystem (service, retrieval, evaluation)."""
-    from medlens.api.commands import demo_command, register
+    from medlens.api.commands import demo_command
+    from medlens.api.commands import register as register_service
+    from medlens.retrieval.commands import register as register_retrieval
 
-    register(app)
+    register_service(app)
+    register_retrieval(app)
     app.command("demo")(demo_command)
 
 

@@ -19,7 +19,7 @@ from medlens.analysis import zeroshot
 from medlens.analysis.symptoms import clean_symptoms, text_hash
 from medlens.analysis.triage import Triage, triage
 from medlens.config import Settings, get_settings
-from medlens.errors import ConfigError
+from medlens.errors import ConfigError, MedLensError
 from medlens.io import DecodedImage, load_image
 from medlens.knowledge import DOMAINS, KnowledgePack, load_domain
 
@@ -47,6 +47,9 @@ class Analysis:
     input: dict[str, Any]
     symptoms: dict[str, Any] | None
     top_k: int
+    similar_cases: list[dict[str, Any]] = field(default_factory=list)
+    knowledge: list[dict[str, Any]] = field(default_factory=list)
+    context_note: str | None = None  # why similar cases / knowledge are missing, if they are
     timings_ms: dict[str, float] = field(default_factory=dict)
     embedding: np.ndarray | None = field(default=None, repr=False)
 
@@ -61,6 +64,9 @@ class Analysis:
             "triage": self.triage.to_dict(),
             "descriptions": self.descriptions,
             "symptoms": self.symptoms,
+            "similar_cases": self.similar_cases,
+            "knowledge": self.knowledge,
+            "context_note": self.context_note,
             "disclaimer": DISCLAIMER,
             "timings_ms": self.timings_ms,
         }
@@ -81,11 +87,13 @@ class MedLens:
         device: str | None = None,
         settings: Settings | None = None,
         symptom_weight: float = 0.5,
+        retrieval: bool = True,
     ):
         self.settings = settings or get_settings()
         self.model_name = model or self.settings.model
         self.device = device or self.settings.device
         self.symptom_weight = symptom_weight
+        self.retrieval = retrieval
         self._encoder = None
 
     @property
@@ -155,9 +163,13 @@ class MedLens:
         probs, sym = self._score(pack, emb, symptoms)
         tri = triage(pack, probs, self.calibration().get("thresholds", {}).get(pack.id))
         timings["score"] = (time.perf_counter() - t2) * 1000
+        ranked = sorted(probs, key=probs.get, reverse=True)
+
+        t3 = time.perf_counter()
+        cases, passages, note = self._context(emb, pack.id, ranked[: min(3, top_k)])
+        timings["retrieval"] = (time.perf_counter() - t3) * 1000
         timings["total"] = (time.perf_counter() - t0) * 1000
 
-        ranked = sorted(probs, key=probs.get, reverse=True)
         findings = [self._finding_row(pack, fid, probs[fid]) for fid in ranked]
         descriptions = [self._description(pack, fid) for fid in ranked[: min(3, top_k)]]
         log.info(
@@ -179,9 +191,34 @@ class MedLens:
             input={"content_hash": decoded.content_hash, "context": decoded.context.to_dict()},
             symptoms=sym,
             top_k=top_k,
+            similar_cases=cases,
+            knowledge=passages,
+            context_note=note,
             timings_ms={k: round(v, 1) for k, v in timings.items()},
             embedding=emb,
         )
+
+    def _context(
+        self, emb: np.ndarray, domain: str, finding_ids: list[str]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
+        """Similar cases from the case library and knowledge passages for the top
+        findings. Retrieval problems (e.g. the embedded store held by another process)
+        never fail an analysis: they are reported in ``context_note``."""
+        if not self.retrieval:
+            return [], [], "retrieval disabled"
+        from medlens import retrieval
+
+        enc = self.encoder
+        try:
+            cases = retrieval.similar_cases(emb, domain, enc.fingerprint, k=5)
+            passages = retrieval.knowledge_passages(
+                enc, finding_ids, domain, k_per_finding=2, query_embedding=emb
+            )
+        except MedLensError as exc:
+            log.warning("retrieval unavailable: %s", type(exc).__name__)
+            return [], [], f"similar cases and knowledge passages unavailable: {exc}"
+        note = None if cases else "no case library for this model and domain (medlens index)"
+        return cases, passages, note
 
     def _score(
         self, pack: KnowledgePack, emb: np.ndarray, symptoms: str | None

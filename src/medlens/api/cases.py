@@ -48,14 +48,30 @@ class CaseSearch(Protocol):
 
 
 def load_case_search(settings: Settings, fingerprint: str) -> CaseSearch | None:
-    """HOOK for the retrieval engineer / lead: return the site's case library for the
+    """Return the site's case library for the
     encoder with ``fingerprint``, or None when none is built. The API calls this once
     at start-up (after the model has loaded)."""
-    return None
+    from medlens.retrieval import has_library
+    from medlens.retrieval.service import LibraryCaseSearch
+
+    if not has_library(fingerprint, library=settings.library):
+        return None
+    return LibraryCaseSearch(fingerprint, settings.library)
 
 
 def build_demo_case_library(settings: Settings) -> None:
-    """HOOK for ``medlens demo``: build a small case library from MEDLENS_DATA when
+    """For ``medlens demo``: build a small case library from MEDLENS_DATA when
     that is set and no library exists yet. The retrieval engineer provides the builder;
     until then the demo runs without similar cases."""
+    from medlens.models import load_encoder
+    from medlens.retrieval import build_demo_library, has_library
+    from medlens.retrieval.store import open_store
+
+    encoder = load_encoder(settings.model, device=settings.device)
+    if has_library(encoder.fingerprint, library=settings.library) or settings.data is None:
+        return None
+    build_demo_library(settings.data, encoder, limit=300, library=settings.library)
+    store = open_store()
+    if hasattr(store, "close"):
+        store.close()  # the API process opens the embedded store next
     return None
