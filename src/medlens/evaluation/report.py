@@ -26,32 +26,51 @@ def fmt_ci(ci: Any) -> str:
     return "" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]"
 
 
-def _mean_sd(d: dict | None) -> str | None:
+def _mean_sd(d: dict | None, n: int) -> str | None:
     if not d or d.get("mean") is None:
         return None
-    return f"± {d['sd']:.3f} (5-fold mean ± sd)"
+    return f"± {d['sd']:.3f} (sd over {n} folds)"
 
 
 def _classification_rows(r: dict[str, Any], prefix: str = "") -> list[Row]:
     rows: list[Row] = []
     folds = r.get("folds")
     if folds:
-        rows.append(
-            (
-                f"{prefix}balanced accuracy (per fold)",
-                folds["balanced_accuracy_mean_sd"]["mean"],
-                _mean_sd(folds["balanced_accuracy_mean_sd"]),
+        held = folds.get("held_out_folds") or []
+        n_all = len(folds["per_fold"])
+        if len(held) < n_all:  # some folds were seen in training: lead with the others
+            which = ", ".join(str(f) for f in held) or "none"
+            for key, label in (
+                ("balanced_accuracy", "balanced accuracy"),
+                ("macro_auroc", "macro AUROC"),
+            ):
+                ms = folds.get(f"{key}_held_out_mean_sd") or {}
+                rows.append(
+                    (
+                        f"{prefix}{label}, held-out fold(s) {which}",
+                        ms.get("mean"),
+                        _mean_sd(ms, len(held)) if len(held) > 1 else None,
+                    )
+                )
+        note = "" if len(held) == n_all else ", incl. folds seen in training"
+        for key, label in (
+            ("balanced_accuracy", "balanced accuracy"),
+            ("macro_auroc", "macro AUROC"),
+        ):
+            rows.append(
+                (
+                    f"{prefix}{label} ({n_all}-fold mean{note})",
+                    folds[f"{key}_mean_sd"]["mean"],
+                    _mean_sd(folds[f"{key}_mean_sd"], n_all),
+                )
             )
-        )
-        rows.append(
-            (
-                f"{prefix}macro AUROC (per fold)",
-                folds["macro_auroc_mean_sd"]["mean"],
-                _mean_sd(folds["macro_auroc_mean_sd"]),
-            )
-        )
+    majority = r.get("majority_class_accuracy")
     rows += [
-        (f"{prefix}accuracy", r.get("accuracy"), r.get("accuracy_ci")),
+        (
+            f"{prefix}accuracy" + (f" (majority class: {fmt(majority)})" if majority else ""),
+            r.get("accuracy"),
+            r.get("accuracy_ci"),
+        ),
         (f"{prefix}balanced accuracy", r.get("balanced_accuracy"), r.get("balanced_accuracy_ci")),
         (f"{prefix}macro AUROC", r.get("macro_auroc"), r.get("macro_auroc_ci")),
     ]
@@ -142,7 +161,12 @@ def headline_rows(r: dict[str, Any]) -> list[Row]:
         c = r.get("classification") or {}
         if c.get("n"):
             rows += [
-                (f"finding top-1 accuracy (n={c['n']})", c["accuracy"], c["accuracy_ci"]),
+                (
+                    f"finding top-1 accuracy (n={c['n']}; majority class: "
+                    f"{fmt(c.get('majority_class_accuracy'))})",
+                    c["accuracy"],
+                    c["accuracy_ci"],
+                ),
                 ("finding macro AUROC", c["macro_auroc"], None),
             ]
             rows += _calibration_rows(c.get("calibration"), "findings: ")

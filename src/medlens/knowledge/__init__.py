@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 import yaml
@@ -107,7 +107,7 @@ def _read(domain_id: str) -> str:
     return resources.files("medlens.knowledge").joinpath(f"{domain_id}.yaml").read_text("utf-8")
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_domain(domain_id: str) -> KnowledgePack:
     """Load and validate one knowledge pack (cached; packs are immutable)."""
     raw = yaml.safe_load(_read(domain_id))

@@ -29,12 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from medlens.errors import ConfigError
 
 # Module-name patterns (full names, regex) adapted by default, per architecture. open_clip's
-# own ViT uses nn.MultiheadAttention (peft adapts its fused in_proj and out_proj) and
-# mlp.c_fc/c_proj; timm trunks (BiomedCLIP) use attn.qkv/proj and mlp.fc1/fc2;
+# own ViT uses nn.MultiheadAttention (adapted by ``LoraMultiheadAttention`` below: fused
+# in_proj and out_proj) and mlp.c_fc/c_proj; timm trunks (BiomedCLIP) use attn.qkv/proj and mlp.fc1/fc2;
 # transformers CLIP uses q/k/v/out_proj and fc1/fc2.
 DEFAULT_TARGETS: dict[str, str] = {
     "open_clip": (
@@ -61,6 +62,76 @@ class LoraRecipe:
     seed: int
     weight_decay: float
     dropout: float
+
+
+class LoraMultiheadAttention(nn.Module):
+    """LoRA on an ``nn.MultiheadAttention``'s fused q/k/v projection and output projection.
+
+    Why not peft's own MHA layer: it merges the adapter into the frozen weights before
+    every forward and subtracts it afterwards, and that float round trip drifts the
+    "frozen" pretrained weights a little at every step. Here the adapted weights are
+    passed functionally (``torch.func.functional_call``); the base tensors are never written.
+    """
+
+    def __init__(self, base: nn.MultiheadAttention, r: int, alpha: float):
+        super().__init__()
+        if not base._qkv_same_embed_dim:
+            raise ConfigError("LoRA on MultiheadAttention needs kdim = vdim = embed_dim")
+        self.base_layer = base
+        e = base.embed_dim
+        self.scaling = float(alpha) / r
+        self.lora_A_in = nn.Parameter(torch.empty(r, e))
+        self.lora_B_in = nn.Parameter(torch.zeros(3 * e, r))
+        self.lora_A_out = nn.Parameter(torch.empty(r, e))
+        self.lora_B_out = nn.Parameter(torch.zeros(e, r))
+        for a in (self.lora_A_in, self.lora_A_out):  # as peft initialises lora_A
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.batch_first = base.batch_first
+        self.embed_dim, self.num_heads = base.embed_dim, base.num_heads
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        b = self.base_layer
+        weights = {
+            "in_proj_weight": b.in_proj_weight + self.scaling * self.lora_B_in @ self.lora_A_in,
+            "out_proj.weight": b.out_proj.weight
+            + self.scaling * self.lora_B_out @ self.lora_A_out,
+        }
+        return torch.func.functional_call(b, weights, args, kwargs)
+
+
+def _matches(name: str, targets: str | list[str]) -> bool:
+    """peft's target semantics: a regex over the full name, or a list of name suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
+def inject_lora(
+    model: nn.Module, targets: str | list[str], r: int, alpha: int, dropout: float
+) -> list[str]:
+    """Add LoRA adapters to the modules ``targets`` names (in place): peft for Linear
+    layers, ``LoraMultiheadAttention`` for nn.MultiheadAttention. Returns adapted names."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    mha = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention) and _matches(n, targets)
+    ]
+    inside_mha = tuple(f"{n}." for n in mha)
+    other = [
+        n
+        for n, m in model.named_modules()
+        if n and _matches(n, targets) and n not in mha and not n.startswith(inside_mha)
+    ]
+    if other:
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=other)
+        inject_adapter_in_model(config, model)
+    for name in mha:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, LoraMultiheadAttention(getattr(owner, child), r, alpha))
+    return sorted([*mha, *other])
 
 
 # -- the two families behind one small interface ------------------------------------------
@@ -169,8 +240,6 @@ def train_lora(
     refreshed). Returns the recipe, per-step and per-epoch loss history, and the names
     of the trainable parameters.
     """
-    from peft import LoraConfig, inject_adapter_in_model
-
     fam = _Family(encoder)
     if len(pairs) < 2:
         raise ConfigError("LoRA training needs at least two image–text pairs")
@@ -179,16 +248,15 @@ def train_lora(
     target = targets if targets is not None else DEFAULT_TARGETS[fam.kind]
     recipe = LoraRecipe(r, alpha, target, epochs, lr, batch_size, seed, weight_decay, dropout)
     model = fam.model
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # adapter initialisation is part of the recipe
-        model = inject_adapter_in_model(config, model)
+        adapted = inject_lora(model, target, r, alpha, dropout)
+    if not adapted:
+        raise ConfigError(f"LoRA target {target!r} matched no module of {encoder.name}")
     heads = re.compile(HEAD_PATTERNS[fam.kind])
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or bool(heads.match(name)))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    if not any("lora_" in n for n in trainable):
-        raise ConfigError(f"LoRA target {target!r} matched no module of {encoder.name}")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
@@ -225,6 +293,7 @@ def train_lora(
     return {
         "recipe": asdict(recipe),
         "loss": history,
+        "adapted_modules": adapted,
         "trainable": trainable,
         "n_trainable": int(sum(p.numel() for n, p in model.named_parameters() if n in trainable)),
         "n_total": int(sum(p.numel() for p in model.parameters())),
@@ -314,7 +383,8 @@ def make_augment(seed_size: int = 448) -> Callable[[np.ndarray, str | None], np.
 
     def augment(image: np.ndarray, domain: str | None) -> np.ndarray:
         size = int(min(image.shape[0], image.shape[1], seed_size))
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        arr = image if image.flags.writeable else image.copy()  # torch wants writable memory
+        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
         out = build(domain, size)(t)
         return np.ascontiguousarray(out.permute(1, 2, 0).numpy())
 
