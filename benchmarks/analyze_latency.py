@@ -16,15 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 COLD_SCRIPT = """
 import json, resource, sys, time
@@ -34,6 +31,12 @@ r = MedLens(model=sys.argv[2]).analyze(sys.argv[3])
 print(json.dumps({"wall_s": time.time() - t0, "top": r.findings[0]["id"],
                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
 """
+
+
+def _machine_info() -> dict:
+    from medlens.evaluation.protocols import machine_info  # after the timings: not in load_s
+
+    return machine_info()
 
 
 def _cold_start(model: str, image: Path) -> dict:
@@ -101,12 +104,7 @@ def main() -> None:
     ]
     result = {
         "model": {"name": args.model, "fingerprint": enc.fingerprint},
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "gpu": torch.cuda.is_available(),
-        },
+        "machine": _machine_info(),
         "import_and_model_load_s": round(load_s, 2),
         "first_analyze_s": round(first_s, 2),
         "cold_start_to_first_result_s": round(load_s + first_s, 2),

@@ -26,7 +26,12 @@ TINY_OPEN_CLIP = {
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-TINY_LAYERS = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 32, "intermediate_size": 64}
+TINY_LAYERS = {
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +90,9 @@ def _tiny_hf_clip(tmp: Path) -> Any:
     )
     folder = tmp / "tiny-clip"
     model.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}
+    ).save_pretrained(folder)
     tok.save_pretrained(folder)
     return HFEncoder(str(folder))
 
@@ -149,8 +156,12 @@ def test_lora_open_clip_vit(pairs: list, tmp_path: Path) -> None:
     names = out["trainable"]
     assert "visual.transformer.resblocks.0.attn.lora_A_in" in names
     assert "transformer.resblocks.1.attn.lora_B_out" in names
-    assert any("mlp.c_fc.lora_A" in n for n in names) and any("mlp.c_proj.lora_B" in n for n in names)
-    assert any(n.startswith("visual.") for n in names) and any(n.startswith("transformer.") for n in names)
+    assert any("mlp.c_fc.lora_A" in n for n in names) and any(
+        "mlp.c_proj.lora_B" in n for n in names
+    )
+    assert any(n.startswith("visual.") for n in names) and any(
+        n.startswith("transformer.") for n in names
+    )
 
 
 def test_lora_hf_clip(pairs: list, tmp_path: Path) -> None:

@@ -74,6 +74,8 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        # Shared machines: a high load means the speed figures are pessimistic.
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -527,7 +529,7 @@ def _classification(ctx: Context) -> dict[str, Any]:
         probs = zeroshot.single_label_probs(s.cand_logits, t_model)
         res = _single_label_metrics(ctx, y, probs, classes, groups)
         if folds is not None:
-            res["folds"] = _per_fold(ctx, y, probs, folds, recs, trained)
+            res["folds"] = _per_fold(ctx, y, probs, folds, recs, trained, groups)
         for k in spec.get("top_k") or []:
             res[f"top{k}_accuracy"] = _r(M.top_k_accuracy(y, probs, k))
             res[f"top{k}_accuracy_ci"] = ctx.ci(
@@ -597,7 +599,10 @@ def _per_fold(
     folds: np.ndarray,
     recs: list[Record],
     trained: bool,
+    groups: Any,
 ) -> dict[str, Any]:
+    """Metrics per fold, their mean ± sd, and the same over the folds the model never
+    saw (with a patient-bootstrap CI over those folds' records pooled)."""
     rows = []
     for f in np.unique(folds):
         m = folds == f
@@ -615,7 +620,7 @@ def _per_fold(
             }
         )
     held = [r for r in rows if not r["seen_by_model"]]
-    return {
+    out: dict[str, Any] = {
         "per_fold": rows,
         **{
             f"{k}_mean_sd": _fold_summary([r[k] for r in rows])
@@ -627,6 +632,16 @@ def _per_fold(
             for k in ("balanced_accuracy", "macro_auroc")
         },
     }
+    m = np.isin(folds, out["held_out_folds"])
+    if m.any():
+        g = groups[m] if groups is not None else None
+        out["balanced_accuracy_held_out"] = _r(M.balanced_accuracy(y[m], probs[m].argmax(1)))
+        out["macro_auroc_held_out"] = _r(M.macro_auroc(y[m], probs[m]))
+        out["balanced_accuracy_held_out_ci"] = ctx.ci(
+            M.balanced_accuracy, y[m], probs[m].argmax(1), groups=g
+        )
+        out["macro_auroc_held_out_ci"] = ctx.ci(M.macro_auroc, y[m], probs[m], groups=g)
+    return out
 
 
 def _binary_group(

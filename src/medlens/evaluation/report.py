@@ -44,12 +44,11 @@ def _classification_rows(r: dict[str, Any], prefix: str = "") -> list[Row]:
                 ("balanced_accuracy", "balanced accuracy"),
                 ("macro_auroc", "macro AUROC"),
             ):
-                ms = folds.get(f"{key}_held_out_mean_sd") or {}
                 rows.append(
                     (
                         f"{prefix}{label}, held-out fold(s) {which}",
-                        ms.get("mean"),
-                        _mean_sd(ms, len(held)) if len(held) > 1 else None,
+                        folds.get(f"{key}_held_out"),
+                        folds.get(f"{key}_held_out_ci"),
                     )
                 )
         note = "" if len(held) == n_all else ", incl. folds seen in training"

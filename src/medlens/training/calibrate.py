@@ -209,10 +209,16 @@ def _thresholds(
         t = threshold_for_sensitivity(p[rows, k], y[rows], target)
         thresholds[f.id] = t
         per_dataset = {
-            str(src): _sens_spec(p[rows & (d["source"] == src), k], y[rows & (d["source"] == src)], t)
+            str(src): _sens_spec(
+                p[rows & (d["source"] == src), k], y[rows & (d["source"] == src)], t
+            )
             for src in np.unique(d["source"][rows])
         }
-        report[f.id] = {"threshold": t, **_sens_spec(p[rows, k], y[rows], t), "per_dataset": per_dataset}
+        report[f.id] = {
+            "threshold": t,
+            **_sens_spec(p[rows, k], y[rows], t),
+            "per_dataset": per_dataset,
+        }
     return thresholds, report
 
 
@@ -320,6 +326,7 @@ def write_calibration(heads_path: Path | str, calibration: dict[str, Any]) -> Pa
     os.close(fd)
     try:
         save_file(state, tmp, metadata=metadata)
+        os.chmod(tmp, path.stat().st_mode & 0o777)  # mkstemp's 0600 must not stick
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -50,11 +50,11 @@ def calibration_tables(result: dict[str, Any]) -> list[Table]:
             _fmt(rep["ece_after"]),
         )
         for name, ds in rep["datasets"].items():
-            temps.add_row(
-                "", "", name, str(ds["n"]), _fmt(ds["ece_before"]), _fmt(ds["ece_after"])
-            )
+            temps.add_row("", "", name, str(ds["n"]), _fmt(ds["ece_before"]), _fmt(ds["ece_after"]))
     target = result["target_sensitivity"]
-    th = Table(title=f"Urgent-finding thresholds for sensitivity ≥ {target:.2f} ({result['split']})")
+    th = Table(
+        title=f"Urgent-finding thresholds for sensitivity ≥ {target:.2f} ({result['split']})"
+    )
     for col in ("domain", "finding", "threshold", "where", "pos", "neg", "sens", "spec"):
         th.add_column(col, justify="left" if col in ("domain", "finding", "where") else "right")
     for domain, rep in result["report"].items():
@@ -116,7 +116,9 @@ def calibrate_cmd(
 
     names = tuple(d.strip() for d in data.split(",") if d.strip())
     if write and model != "lite" and heads is None:
-        raise ConfigError("--write stores the calibration in a lite heads file; use --out for other models")
+        raise ConfigError(
+            "--write stores the calibration in a lite heads file; use --out for other models"
+        )
     if model == "lite" and heads is not None:
         from medlens.models.lite import LiteEncoder
 

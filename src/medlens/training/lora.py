@@ -35,8 +35,8 @@ from medlens.errors import ConfigError
 
 # Module-name patterns (full names, regex) adapted by default, per architecture. open_clip's
 # own ViT uses nn.MultiheadAttention (adapted by ``LoraMultiheadAttention`` below: fused
-# in_proj and out_proj) and mlp.c_fc/c_proj; timm trunks (BiomedCLIP) use attn.qkv/proj and mlp.fc1/fc2;
-# transformers CLIP uses q/k/v/out_proj and fc1/fc2.
+# in_proj and out_proj) and mlp.c_fc/c_proj; timm trunks (BiomedCLIP) use attn.qkv/proj
+# and mlp.fc1/fc2; transformers CLIP uses q/k/v/out_proj and fc1/fc2.
 DEFAULT_TARGETS: dict[str, str] = {
     "open_clip": (
         r".*resblocks\.\d+\.(attn|mlp\.c_fc|mlp\.c_proj)"
@@ -93,8 +93,7 @@ class LoraMultiheadAttention(nn.Module):
         b = self.base_layer
         weights = {
             "in_proj_weight": b.in_proj_weight + self.scaling * self.lora_B_in @ self.lora_A_in,
-            "out_proj.weight": b.out_proj.weight
-            + self.scaling * self.lora_B_out @ self.lora_A_out,
+            "out_proj.weight": b.out_proj.weight + self.scaling * self.lora_B_out @ self.lora_A_out,
         }
         return torch.func.functional_call(b, weights, args, kwargs)
 
