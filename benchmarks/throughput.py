@@ -11,10 +11,12 @@ Three measurements at each batch size, on the same real images (ISIC 2018 test J
   (lite: image tower + projection head) under ``torch.inference_mode``: the ceiling.
 
 The headline is pipeline ÷ bare at the same batch size: how much of the model's own
-speed the pipeline keeps. Usage::
+speed the pipeline keeps. The modes take turns in short rounds and the ratio is the
+median of per-round ratios, so other load on a shared machine affects both sides alike.
+Usage::
 
     python benchmarks/throughput.py [--model lite] [--n 256] [--batch-sizes 8,32]
-                                    [--out benchmarks/results/throughput.json]
+        [--rounds 5] [--min-seconds 2] [--out benchmarks/results/throughput.json]
     python benchmarks/throughput.py --smoke      # 16 images, batch 8: checks it runs
 
 Speed goals live here, never as timed assertions in tests.
@@ -23,12 +25,14 @@ Speed goals live here, never as timed assertions in tests.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
+import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -43,16 +47,22 @@ def _images(data: Path, n: int) -> list[Path]:
     return [files[i % len(files)] for i in range(n)]
 
 
-def _rate(fn: Callable[[], int], min_seconds: float) -> float:
-    """Images per second of ``fn`` (returns how many it processed), repeated until at
-    least ``min_seconds`` have passed, after one warm-up call."""
-    fn()
-    done, t0 = 0, time.perf_counter()
-    while True:
-        done += fn()
-        elapsed = time.perf_counter() - t0
-        if elapsed >= min_seconds:
-            return done / elapsed
+def _interleaved(
+    fns: dict[str, Callable[[], int]], rounds: int, min_seconds: float
+) -> dict[str, list[float]]:
+    """Images/s of each ``fn`` (one batch per call, returns its size) per round. Modes
+    take turns within every round, so load from other processes on a shared machine
+    hits them alike and the per-round ratios stay meaningful."""
+    for fn in fns.values():
+        fn()  # warm-up
+    rates: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            done, t0 = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - t0) < min_seconds or not done:
+                done += fn()
+            rates[k].append(done / elapsed)
+    return rates
 
 
 def bare_forward(enc) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -68,7 +78,7 @@ def bare_forward(enc) -> Callable[[torch.Tensor], torch.Tensor] | None:
     return forward
 
 
-def run(model: str, n: int, batch_sizes: list[int], min_seconds: float) -> dict:
+def run(model: str, n: int, batch_sizes: list[int], rounds: int, min_seconds: float) -> dict:
     from medlens.evaluation.protocols import machine_info
     from medlens.io import load_image
     from medlens.models import load_encoder
@@ -80,36 +90,43 @@ def run(model: str, n: int, batch_sizes: list[int], min_seconds: float) -> dict:
     bare = bare_forward(enc)
     rows = []
     for bs in batch_sizes:
+        starts = itertools.cycle(range(0, n, bs))
 
-        def from_files(bs: int = bs) -> int:
-            for i in range(0, n, bs):
-                enc.embed_images([load_image(f).pixels for f in files[i : i + bs]], batch_size=bs)
-            return n
+        def from_files(bs: int = bs, starts: Iterator[int] = starts) -> int:
+            i = next(starts)
+            batch = [load_image(f).pixels for f in files[i : i + bs]]
+            enc.embed_images(batch, batch_size=bs)
+            return len(batch)
 
-        def from_pixels(bs: int = bs) -> int:
-            enc.embed_images(pixels, batch_size=bs)
-            return n
+        def from_pixels(bs: int = bs, starts: Iterator[int] = starts) -> int:
+            i = next(starts)
+            enc.embed_images(pixels[i : i + bs], batch_size=bs)
+            return len(pixels[i : i + bs])
 
-        row = {
-            "batch_size": bs,
-            "pipeline_files_img_s": round(_rate(from_files, min_seconds), 1),
-            "pipeline_pixels_img_s": round(_rate(from_pixels, min_seconds), 1),
-            "bare_forward_img_s": None,
-        }
+        fns: dict[str, Callable[[], int]] = {"files": from_files, "pixels": from_pixels}
         if bare is not None:
             x = enc.preprocess(pixels[:bs]).contiguous(memory_format=torch.channels_last)
-            row["bare_forward_img_s"] = round(_rate(lambda x=x: len(bare(x)), min_seconds), 1)
-            row["ratio_files_to_bare"] = round(
-                row["pipeline_files_img_s"] / row["bare_forward_img_s"], 3
-            )
-            row["ratio_pixels_to_bare"] = round(
-                row["pipeline_pixels_img_s"] / row["bare_forward_img_s"], 3
-            )
+            fns["bare"] = lambda x=x: len(bare(x))
+        rates = _interleaved(fns, rounds, min_seconds)
+        row = {
+            "batch_size": bs,
+            "pipeline_files_img_s": round(statistics.median(rates["files"]), 1),
+            "pipeline_pixels_img_s": round(statistics.median(rates["pixels"]), 1),
+            "bare_forward_img_s": None,
+        }
+        if "bare" in rates:
+            row["bare_forward_img_s"] = round(statistics.median(rates["bare"]), 1)
+            for mode in ("files", "pixels"):
+                ratios = [p / b for p, b in zip(rates[mode], rates["bare"], strict=True)]
+                row[f"ratio_{mode}_to_bare"] = round(statistics.median(ratios), 3)
+        row["rounds"] = {k: [round(v, 1) for v in r] for k, r in rates.items()}
         rows.append(row)
     return {
         "benchmark": "throughput",
         "model": {"name": model, "fingerprint": enc.fingerprint},
         "images": {"source": ISIC_DIR, "n": n, "size": list(pixels[0].shape)},
+        "method": f"{rounds} rounds, modes interleaved, >= {min_seconds} s per mode per round; "
+        "medians of rates and of per-round ratios",
         "rows": rows,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "machine": machine_info(),
@@ -141,14 +158,17 @@ def main() -> None:
     ap.add_argument("--model", default="lite")
     ap.add_argument("--n", type=int, default=256, help="images per pass")
     ap.add_argument("--batch-sizes", default="8,32")
-    ap.add_argument("--min-seconds", type=float, default=5.0, help="time per measurement")
-    ap.add_argument("--smoke", action="store_true", help="tiny run: 8 images, batch 8, 0.2 s")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per batch size")
+    ap.add_argument("--min-seconds", type=float, default=2.0, help="per mode per round")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny run: 8 images, batch 8, 2 short rounds"
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
     args = ap.parse_args()
     if args.smoke:
-        args.n, args.batch_sizes, args.min_seconds = 8, "8", 0.2
+        args.n, args.batch_sizes, args.rounds, args.min_seconds = 8, "8", 2, 0.1
     sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    result = run(args.model, args.n, sizes, args.min_seconds)
+    result = run(args.model, args.n, sizes, args.rounds, args.min_seconds)
     result["smoke"] = args.smoke
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

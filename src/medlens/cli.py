@@ -244,30 +244,56 @@ def _isic_truth(data: Path) -> dict[str, str]:
 @train_app.command("align")
 @friendly
 def train_align_cmd(
-    model: str = typer.Option("lite", help="Encoder to train (lite: heads on frozen towers)."),
+    model: str = typer.Option(
+        "lite", help="lite (heads on frozen towers) | open_clip:… | hf:… (LoRA)."
+    ),
     data: str = typer.Option(",".join(_DEFAULT_ALIGN_DATA), help="Comma-separated dataset names."),
     epochs: int = typer.Option(20, min=1),
-    lr: float = typer.Option(1e-3),
-    batch_size: int = typer.Option(512, min=2),
+    lr: float = typer.Option(1e-3, help="Learning rate (LoRA runs: try 1e-4)."),
+    batch_size: int = typer.Option(512, min=2, help="Batch size (LoRA runs: try 32)."),
     seed: int = typer.Option(0),
-    balance: bool = typer.Option(True, help="Class-balanced loss weights."),
+    balance: bool = typer.Option(
+        True, help="Class balancing (loss weights for lite; resampling for LoRA)."
+    ),
+    augment: bool = typer.Option(
+        False, help="LoRA runs: torchvision v2 augmentation on training pairs."
+    ),
+    lora_r: int = typer.Option(32, "--lora-r"),
+    lora_alpha: int = typer.Option(64, "--lora-alpha"),
+    lora_targets: str | None = typer.Option(
+        None, "--lora-targets", help="Comma-separated module names."
+    ),
     limit: int | None = typer.Option(None, help="Records per split (smoke runs)."),
     out: Path = typer.Option(Path("runs/lite"), help="Run directory."),
     install: bool = typer.Option(
-        False, help="Copy the trained heads into the package as the default lite weights."
+        False, help="lite: copy the trained heads into the package as the default weights."
     ),
 ) -> None:
     """Align image and text towers on the sample datasets' train splits."""
     import shutil
 
+    datasets = tuple(d.strip() for d in data.split(",") if d.strip())
+    if model != "lite":
+        _train_lora(
+            model,
+            datasets,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            balance=balance,
+            augment=augment,
+            r=lora_r,
+            alpha=lora_alpha,
+            targets=lora_targets,
+            limit=limit,
+            out=out,
+        )
+        return
     from medlens.training.align import AlignConfig, train_align
 
-    if model != "lite":
-        raise ConfigError(
-            "only --model lite is trainable in this version (LoRA for open_clip/hf comes next)"
-        )
     cfg = AlignConfig(
-        data=tuple(d.strip() for d in data.split(",") if d.strip()),
+        data=datasets,
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
@@ -277,12 +303,70 @@ def train_align_cmd(
     )
     with _progress() as progress:
         metrics = train_align(cfg, out, get_settings().cache_dir / "features", progress)
-    console.print_json(json.dumps({k: v for k, v in metrics.items()}))
+    console.print_json(json.dumps(metrics))
     if install:
         from medlens.models.lite import DEFAULT_HEADS_PATH
 
         shutil.copyfile(out / "lite_heads.safetensors", DEFAULT_HEADS_PATH)
-        console.print(f"installed heads to {DEFAULT_HEADS_PATH}")
+        DEFAULT_HEADS_PATH.chmod(0o644)
+        console.print(
+            f"installed heads to {DEFAULT_HEADS_PATH}; run `medlens calibrate --write` next"
+        )
+
+
+def _train_lora(
+    model: str,
+    datasets: tuple[str, ...],
+    *,
+    out: Path,
+    limit: int | None,
+    balance: bool,
+    augment: bool,
+    targets: str | None,
+    **kw: Any,
+) -> None:
+    """LoRA on an open_clip / HF CLIP encoder; saves the adapter and projection tensors."""
+    from safetensors.torch import save_file
+
+    from medlens.models import load_encoder
+    from medlens.training.lora import (
+        BalanceRecipe,
+        adapter_state,
+        make_augment,
+        pairs_from_datasets,
+        train_lora,
+    )
+
+    enc = load_encoder(model)
+    pairs, recipe = pairs_from_datasets(
+        [d for d in datasets if d != "pneumoniamnist"] or datasets,
+        "train",
+        limit=limit,
+        balance=BalanceRecipe() if balance else None,
+        seed=kw["seed"],
+    )
+    with _progress() as progress:
+        task = progress.add_task(f"LoRA on {len(pairs)} pairs", total=None)
+        result = train_lora(
+            enc,
+            pairs,
+            targets=targets.split(",") if targets else None,
+            augment=make_augment() if augment else None,
+            progress=lambda step, loss: progress.update(
+                task, description=f"LoRA step {step} loss {loss:.3f}"
+            ),
+            **kw,
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in adapter_state(enc).items()}, str(out / "adapter.safetensors")
+    )
+    (out / "recipe.json").write_text(
+        json.dumps({"model": model, "pairs": recipe, "lora": result}, indent=2, default=str)
+    )
+    console.print(
+        f"saved the adapter to {out / 'adapter.safetensors'} (fingerprint {enc.fingerprint})"
+    )
 
 
 @app.command("eval")
@@ -329,9 +413,11 @@ def _register_subsystems() -> None:
     from medlens.api.commands import demo_command
     from medlens.api.commands import register as register_service
     from medlens.retrieval.commands import register as register_retrieval
+    from medlens.training.commands import register as register_calibrate
 
     register_service(app)
     register_retrieval(app)
+    register_calibrate(app)
     app.command("demo")(demo_command)
 
 

@@ -6,6 +6,8 @@ decode (io) → one encoder forward → zero-shot logits (+ symptom evidence) �
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -111,6 +113,15 @@ class MedLens:
     def calibration(self) -> dict[str, Any]:
         return getattr(self.encoder, "calibration", None) or {}
 
+    def _calibration_id(self) -> str | None:
+        """Hash of the temperatures and thresholds in force: the fingerprint covers the
+        weights only, so results record which calibration produced them."""
+        cal = self.calibration()
+        if not cal:
+            return None
+        used = {k: cal.get(k) for k in ("temperature", "thresholds")}
+        return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:12]
+
     # -- the flow ----------------------------------------------------------------------
     def decode(
         self, image: str | Path | bytes | DecodedImage, filename: str | None = None
@@ -184,7 +195,11 @@ class MedLens:
             domain=chosen,
             domain_source=source,
             domain_scores=domain_scores,
-            model={"name": self.model_name, "fingerprint": enc.fingerprint},
+            model={
+                "name": self.model_name,
+                "fingerprint": enc.fingerprint,
+                "calibration": self._calibration_id(),
+            },
             findings=findings,
             triage=tri,
             descriptions=descriptions,
