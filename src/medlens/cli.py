@@ -369,55 +369,18 @@ def _train_lora(
     )
 
 
-@app.command("eval")
-@friendly
-def eval_cmd(
-    protocol: str = typer.Argument(..., help="Protocol name (see protocols.yaml), or 'all'."),
-    model: str | None = typer.Option(None, help="Encoder name (default: lite)."),
-    limit: int | None = typer.Option(None, help="Evaluate only the first N records (smoke mode)."),
-    out: Path = typer.Option(Path("results"), help="Folder for the metrics JSON."),
-    as_json: bool = typer.Option(False, "--json", help="Print the metrics object."),
-) -> None:
-    """Evaluate an encoder on a fixed, named protocol of the sample datasets."""
-    from medlens.evaluation.protocols import protocols, run_protocol
-    from medlens.models import load_encoder
-
-    names = list(protocols()) if protocol == "all" else [protocol]
-    enc = load_encoder(model or get_settings().model)
-    results = {}
-    with _progress() as progress:
-
-        def factory(label: str, total: int):
-            task = progress.add_task(f"embedding {label}", total=total)
-            return lambda n: progress.advance(task, n)
-
-        for name in names:
-            results[name] = run_protocol(name, enc, limit=limit, advance_factory=factory)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, res in results.items():
-        (out / f"{name}.json").write_text(json.dumps(res, indent=2))
-    if as_json:
-        sys.stdout.write(json.dumps(results if len(results) > 1 else results[names[0]]) + "\n")
-    else:
-        for name, res in results.items():
-            keys = [
-                k
-                for k in ("accuracy", "balanced_accuracy", "macro_auroc", "auroc", "melanoma_auroc")
-                if k in res
-            ]
-            console.print(f"[bold]{name}[/bold]: " + ", ".join(f"{k} {res[k]}" for k in keys))
-
-
 def _register_subsystems() -> None:
     """Commands that live with their subsystem (service, retrieval, evaluation)."""
     from medlens.api.commands import demo_command
     from medlens.api.commands import register as register_service
+    from medlens.evaluation.commands import register as register_eval
     from medlens.retrieval.commands import register as register_retrieval
     from medlens.training.commands import register as register_calibrate
 
     register_service(app)
     register_retrieval(app)
     register_calibrate(app)
+    register_eval(app)
     app.command("demo")(demo_command)
 
 
