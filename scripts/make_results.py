@@ -83,11 +83,23 @@ def load_results() -> dict[str, dict[str, Any]]:
     return out
 
 
-def _lookup(r: dict[str, Any], anchor: dict[str, Any]) -> Any:
-    """Our value of an anchor's metric (in the anchor's ``modality`` where it names one)."""
+def _lookup(r: dict[str, Any], anchor: dict[str, Any]) -> tuple[Any, str]:
+    """Our value of an anchor's metric (in the anchor's ``modality`` where it names one)
+    and a note. Cross-validated results whose model saw some folds in training give the
+    held-out folds' value: an in-sample number must not stand beside a published one."""
+    res = r
+    where = []
     if anchor.get("modality"):
-        return (r.get("modalities") or {}).get(anchor["modality"], {}).get(anchor["metric"])
-    return r.get(anchor["metric"])
+        res = (r.get("modalities") or {}).get(anchor["modality"], {})
+        where.append(anchor["modality"])
+    folds = res.get("folds") or {}
+    held = folds.get("held_out_folds")
+    if held is not None and len(held) < len(folds.get("per_fold", [])):
+        value = folds.get(f"{anchor['metric']}_held_out")
+        where.append(f"held-out fold(s) {', '.join(map(str, held)) or 'none'}")
+    else:
+        value = res.get(anchor["metric"])
+    return value, f" ({'; '.join(where)})" if where else ""
 
 
 def _summary_rows(name: str, r: dict[str, Any]) -> list:
@@ -124,11 +136,10 @@ def anchors_section(results: dict[str, dict[str, Any]]) -> str:
     for name, spec in protocols().items():
         r = results.get(name, {})
         for a in spec.get("anchors") or []:
-            ours = _lookup(r, a) if r else None
+            ours, where = _lookup(r, a) if r else (None, "")
             lines.append(
                 f"| {name} | {a['source']} | {a['metric']} | {fmt(a['value'])} | "
-                f"{fmt(ours)}{' (' + a['modality'] + ')' if a.get('modality') else ''} | "
-                f"{a.get('note', '')} |"
+                f"{fmt(ours)}{where} | {a.get('note', '')} |"
             )
     return "\n".join(lines)
 
