@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from medlens.commandline import err, friendly
 from medlens.config import get_settings
 from medlens.errors import ConfigError, MedLensError
 
@@ -31,48 +29,9 @@ train_app = typer.Typer(help="Train models (projection heads, LoRA).", no_args_i
 app.add_typer(train_app, name="train")
 
 console = Console()
-err = Console(stderr=True)
 
 _DEFAULT_ALIGN_DATA = ("dermamnist", "pad_ufes_20", "dermnet", "covid_chestxray", "pneumoniamnist")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
-
-
-def _setup_logging() -> None:
-    """Log to MEDLENS_HOME/logs/medlens.log. Only hashes and ids are ever logged."""
-    settings = get_settings()
-    try:
-        settings.logs_dir.mkdir(parents=True, exist_ok=True)
-        handler: logging.Handler = logging.FileHandler(settings.logs_dir / "medlens.log")
-    except OSError:
-        handler = logging.NullHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    root = logging.getLogger("medlens")
-    if not root.handlers:
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-
-
-def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn MedLensError (and a few OS errors) into one line on stderr and exit code 2."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _setup_logging()
-        try:
-            return fn(*args, **kwargs)
-        except MedLensError as exc:
-            err.print(
-                f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True
-            )
-            raise typer.Exit(2) from None
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-            err.print(f"[red]error:[/red] {exc.strerror}: {exc.filename}", highlight=False)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
-
-    return wrapper
 
 
 def _progress() -> Progress:

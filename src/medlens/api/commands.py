@@ -11,27 +11,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from medlens.commandline import friendly as _friendly
 from medlens.config import get_settings
 from medlens.errors import ConfigError
-
-
-def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """medlens.cli.friendly, resolved at call time (medlens.cli imports this module)."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from medlens.cli import friendly
-
-        return friendly(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 def _console(stderr: bool = False) -> Any:

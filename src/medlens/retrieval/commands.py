@@ -8,24 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import typer
 
-
-def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``medlens.cli.friendly`` applied at call time (avoids a circular import)."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from medlens.cli import friendly
-
-        return friendly(fn)(*args, **kwargs)
-
-    return wrapper
+from medlens.commandline import friendly as _friendly
 
 
 def _consoles():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medlens.commandline import friendly as _friendly
 from medlens.training.calibrate import DEFAULT_DATA
-
-
-def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from medlens.cli import friendly
-
-        return friendly(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 def _fmt(x: Any) -> str:
