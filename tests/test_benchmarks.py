@@ -1,0 +1,76 @@
+"""Smoke runs of the service and retrieval benchmarks at tiny sizes: they must run end to
+end and write their JSON (their numbers are for docs/RESULTS.md, never asserted on)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], tmp_path: Path, timeout: int = 300) -> dict:
+    out = tmp_path / "result.json"
+    env = {**os.environ, "MEDLENS_HOME": str(tmp_path / "home")}
+    res = subprocess.run(
+        [sys.executable, *args, "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_vector_search_benchmark_smoke(tmp_path: Path) -> None:
+    r = _run(
+        [
+            "benchmarks/vector_search.py",
+            "--sizes",
+            "2000",
+            "--queries",
+            "20",
+            "--workdir",
+            str(tmp_path / "vs"),
+        ],
+        tmp_path,
+    )
+    (row,) = r
+    assert row["n"] == 2000
+    # at this size HNSW must match exact search
+    assert row["filtered"]["recall_at_10"] >= 0.95 and row["unfiltered"]["recall_at_10"] >= 0.95
+
+
+@pytest.mark.slow
+def test_ingest_benchmark_smoke(tmp_path: Path) -> None:
+    r = _run(
+        [
+            "benchmarks/ingest.py",
+            "--dataset",
+            "isic2018",
+            "--limit",
+            "24",
+            "--workdir",
+            str(tmp_path / "ing"),
+        ],
+        tmp_path,
+    )
+    assert "ratio" in json.dumps(r) or "speedup" in json.dumps(r)
+
+
+@pytest.mark.slow
+def test_api_load_benchmark_smoke(tmp_path: Path) -> None:
+    r = _run(
+        ["benchmarks/api_load.py", "--clients", "2", "--requests", "6", "--bare", "3"],
+        tmp_path,
+        timeout=600,
+    )
+    assert r["load"]["ok"] == 6 and not r["load"]["errors"]
