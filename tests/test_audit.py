@@ -167,3 +167,40 @@ def test_audit_cli(analysis: dict, tmp_path: Path) -> None:
     assert runner.invoke(app, ["audit", "verify"]).exit_code == 0
     res = runner.invoke(app, ["audit", "show", "no-such-record"])
     assert res.exit_code == 2 and "no audit record" in res.output
+
+
+@pytest.fixture
+def pg_log() -> AuditLog:
+    """A PostgreSQL audit log when MEDLENS_TEST_POSTGRES_URL names a throwaway database
+    (.ci/run starts one when Debian's PostgreSQL is installed)."""
+    import os
+
+    url = os.environ.get("MEDLENS_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("MEDLENS_TEST_POSTGRES_URL not set: no PostgreSQL server to test against")
+    audit = AuditLog(url)
+    with audit.engine.begin() as c:  # a clean table per test run
+        c.execute(text("DROP TABLE IF EXISTS medlens_audit CASCADE"))
+    audit.close()
+    audit = AuditLog(url)
+    yield audit
+    audit.close()
+
+
+def test_postgres_append_only_chain_and_concurrency(pg_log: AuditLog, analysis: dict) -> None:
+    threads = [
+        threading.Thread(target=_append, args=(pg_log, analysis, f"pg-{i}")) for i in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert pg_log.count() == 8
+    assert pg_log.verify() == (True, 8, None)
+    for stmt in (
+        "UPDATE medlens_audit SET triage_level='routine' WHERE id='pg-1'",
+        "DELETE FROM medlens_audit WHERE id='pg-1'",
+    ):
+        with pytest.raises(SQLAlchemyError, match="append-only"), pg_log.engine.begin() as c:
+            c.execute(text(stmt))
+    assert pg_log.count() == 8
