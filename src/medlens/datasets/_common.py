@@ -135,6 +135,28 @@ def warn_missing(name: str, missing: int) -> None:
         log.warning("%s: %d index row(s) skipped: image file not found", name, missing)
 
 
+def manifest(
+    name: str,
+    spec: Mapping[str, Any],
+    records: list[Any],
+    root: Path,
+    index_files: list[Path],
+    options: Mapping[str, Any],
+) -> Any:
+    """The one way a file-backed loader builds its Manifest (domain/vocab from the spec,
+    version from the index files and the resolved options)."""
+    from medlens.datasets.manifest import Manifest
+
+    return Manifest(
+        name=name,
+        domain=spec["domain"],
+        vocab=spec["vocab"],
+        records=records,
+        root=root,
+        version=version(name, index_files, options),
+    )
+
+
 def version(name: str, index_files: list[Path], options: Mapping[str, Any]) -> str:
     """Manifest version: index files' content + loader name, format and resolved options."""
     extra = {"loader": name, "format": constants()["format"], "options": dict(options)}

@@ -74,14 +74,7 @@ def load_covid_chestxray(
                 meta={k: C.blank(r.get(k)) for k in spec["meta"]},
             )
         )
-    return Manifest(
-        name=name,
-        domain=spec["domain"],
-        vocab=spec["vocab"],
-        records=records,
-        root=root,
-        version=C.version(name, [meta_path], {"seed": seed, "fractions": fr}),
-    )
+    return C.manifest(name, spec, records, root, [meta_path], {"seed": seed, "fractions": fr})
 
 
 # --------------------------------------------------------------------------- IU X-ray
@@ -157,14 +150,7 @@ def load_iu_xray(root: Path | None = None) -> Manifest:
                 },
             )
         )
-    return Manifest(
-        name=name,
-        domain=spec["domain"],
-        vocab=spec["vocab"],
-        records=records,
-        root=root,
-        version=C.version(name, index_files, {}),
-    )
+    return C.manifest(name, spec, records, root, index_files, {})
 
 
 # --------------------------------------------------------------------------- NIH CXR14
@@ -249,14 +235,7 @@ def load_nih_cxr14(
         )
         for r, p, split in zip(kept, patients, splits, strict=True)
     ]
-    return Manifest(
-        name=name,
-        domain=spec["domain"],
-        vocab=spec["vocab"],
-        records=records,
-        root=root,
-        version=C.version(name, index_files, options),
-    )
+    return C.manifest(name, spec, records, root, index_files, options)
 
 
 # --------------------------------------------------------------------------- cxr-samples
@@ -285,11 +264,4 @@ def load_cxr_samples(root: Path | None = None) -> Manifest:
             meta["vocab"] = info["vocab"]
         records.append(Record(id=p.name, labels=tuple(info.get("labels", ())), path=p, meta=meta))
     listing = [[p.name, p.stat().st_size] for p in paths]
-    return Manifest(
-        name=name,
-        domain=spec["domain"],
-        vocab=spec["vocab"],
-        records=records,
-        root=root,
-        version=C.version(name, [], {"files": listing, "labels": files}),
-    )
+    return C.manifest(name, spec, records, root, [], {"files": listing, "labels": files})

@@ -89,14 +89,7 @@ def load_isic2018(root: Path | None = None) -> Manifest:
             Record(id=image_id, labels=(dx,), split=split, group=groupings.get(image_id), path=path)
         )
     C.warn_missing(name, missing)
-    return Manifest(
-        name=name,
-        domain=spec["domain"],
-        vocab=spec["vocab"],
-        records=records,
-        root=root,
-        version=C.version(name, index_files, {}),
-    )
+    return C.manifest(name, spec, records, root, index_files, {})
 
 
 # --------------------------------------------------------------------------- HAM10000
@@ -145,14 +138,7 @@ def load_ham10000(
         )
         for r, split in zip(kept, splits, strict=True)
     ]
-    return Manifest(
-        name=name,
-        domain=spec["domain"],
-        vocab=spec["vocab"],
-        records=records,
-        root=root,
-        version=C.version(name, [meta_path], {"seed": seed, "fractions": fr}),
-    )
+    return C.manifest(name, spec, records, root, [meta_path], {"seed": seed, "fractions": fr})
 
 
 # --------------------------------------------------------------------------- PAD-UFES-20
@@ -255,14 +241,7 @@ def load_pad_ufes_20(
             )
         )
     options = {"seed": seed, "n_folds": n_folds, "fold_split": sorted(fold_split.items())}
-    return Manifest(
-        name=name,
-        domain=spec["domain"],
-        vocab=spec["vocab"],
-        records=records,
-        root=root,
-        version=C.version(name, [meta_path], options),
-    )
+    return C.manifest(name, spec, records, root, [meta_path], options)
 
 
 # --------------------------------------------------------------------------- DermNet
@@ -322,11 +301,6 @@ def load_dermnet(
         for (r, p), g, split in zip(kept, groups, splits, strict=True)
     ]
     content = hashlib.sha256("".join(sorted(digests.values())).encode()).hexdigest()[:16]
-    return Manifest(
-        name=name,
-        domain=spec["domain"],
-        vocab=spec["vocab"],
-        records=records,
-        root=root,
-        version=C.version(name, [labels_csv], {"seed": seed, "fractions": fr, "content": content}),
+    return C.manifest(
+        name, spec, records, root, [labels_csv], {"seed": seed, "fractions": fr, "content": content}
     )
