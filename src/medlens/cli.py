@@ -10,10 +10,9 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from medlens.commandline import err, friendly
+from medlens.commandline import err, friendly, progress_bar
 from medlens.config import get_settings
 from medlens.errors import ConfigError, MedLensError
 
@@ -32,17 +31,6 @@ console = Console()
 
 _DEFAULT_ALIGN_DATA = ("dermamnist", "pad_ufes_20", "dermnet", "covid_chestxray", "pneumoniamnist")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=False,
-    )
 
 
 def print_analysis(result: dict[str, Any], top_k: int) -> None:
@@ -115,7 +103,7 @@ def _analyze_folder(
     out = out or Path(f"medlens-{folder.name}.jsonl")
     rows: list[dict[str, Any]] = []
     failures = 0
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("analyzing", total=len(files))
         for f in files:
             try:
@@ -176,7 +164,7 @@ def samples(
     table = Table(title=f"MedLens demo — model {lens.model_name}")
     for col in ("image", "truth", "domain", "top findings", "triage"):
         table.add_column(col)
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("analyzing samples", total=len(DEMO_FILES))
         for rel, label in DEMO_FILES:
             path = data / rel
@@ -260,7 +248,7 @@ def train_align_cmd(
         balance=balance,
         limit=limit,
     )
-    with _progress() as progress:
+    with progress_bar() as progress:
         metrics = train_align(cfg, out, get_settings().cache_dir / "features", progress)
     console.print_json(json.dumps(metrics))
     if install:
@@ -304,7 +292,7 @@ def _train_lora(
         balance=BalanceRecipe() if balance else None,
         seed=kw["seed"],
     )
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task(f"LoRA on {len(pairs)} pairs", total=None)
         result = train_lora(
             enc,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from medlens.datasets import _common as C
-from medlens.datasets.manifest import Manifest, Record
+from medlens.datasets.manifest import Manifest, Record, sha256_file
 from medlens.datasets.splits import check_fractions, grouped_folds, grouped_split
 from medlens.errors import ConfigError, DatasetError
 
@@ -247,14 +247,6 @@ def load_pad_ufes_20(
 # --------------------------------------------------------------------------- DermNet
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_dermnet(
     root: Path | None = None,
     *,
@@ -285,7 +277,7 @@ def load_dermnet(
             missing += 1
             continue
         if path not in digests:
-            digests[path] = _sha256_file(path)
+            digests[path] = sha256_file(path)
         kept.append((r, path))
     C.warn_missing(name, missing)
     groups = [digests[p] for _, p in kept]

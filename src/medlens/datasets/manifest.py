@@ -71,6 +71,15 @@ class Manifest:
         return {lab for r in self.records for lab in r.labels}
 
 
+def sha256_file(path: Path) -> str:
+    """sha256 hex of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def hash_files(paths: list[Path], extra: Mapping[str, Any] | None = None) -> str:
     """Content hash of a dataset's index files (+ loader parameters) as its version.
 

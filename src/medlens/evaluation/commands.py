@@ -16,6 +16,7 @@ from typing import Any
 import typer
 
 from medlens.commandline import friendly as _friendly
+from medlens.commandline import progress_bar
 
 
 def _command_line(protocol: str, model: str | None, limit: int | None, out: Path) -> str:
@@ -55,13 +56,6 @@ def eval_cmd(
     """Evaluate an encoder on fixed, named protocols of the sample datasets (MEDLENS_DATA):
     metrics with bootstrap 95% CIs, calibration, plots and the published anchors."""
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
 
     from medlens.config import get_settings
     from medlens.errors import ConfigError
@@ -80,17 +74,11 @@ def eval_cmd(
     enc = load_encoder(model or settings.model, device=settings.device)
     console, err = Console(), Console(stderr=True)
     results: dict[str, dict[str, Any]] = {}
-    with Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-    ) as progress:
+    with progress_bar() as bar:
 
         def factory(label: str, total: int) -> Callable[[int], None]:
-            task = progress.add_task(f"embedding {label}", total=total)
-            return lambda n: progress.advance(task, n)
+            task = bar.add_task(f"embedding {label}", total=total)
+            return lambda n: bar.advance(task, n)
 
         for name in names:
             res = run_protocol(

@@ -14,30 +14,13 @@ from typing import Any
 import typer
 
 from medlens.commandline import friendly as _friendly
+from medlens.commandline import progress_bar
 
 
 def _consoles():
     from rich.console import Console
 
     return Console(), Console(stderr=True)
-
-
-def _progress(err):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-    )
 
 
 def index(
@@ -91,7 +74,7 @@ def index(
         manifest = subset(manifest, limit)
         desc = {**desc, "subset": limit}
     encoder = load_encoder(model or settings.model, device=settings.device)
-    with _progress(err) as progress:
+    with progress_bar() as progress:
         task = progress.add_task(f"indexing {manifest.name}", total=len(manifest.records))
         rep = ingest(
             manifest,

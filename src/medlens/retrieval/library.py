@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from medlens.datasets.manifest import sha256_file
 from medlens.errors import ConfigError, MedLensError
 from medlens.retrieval.cache import EmbeddingCache, prep_version, text_key
 from medlens.retrieval.store import Condition, PointData, VectorStore, open_store
@@ -135,19 +136,11 @@ def _update_library(name: str, fn: Callable[[dict[str, Any]], None]) -> dict[str
 # ----------------------------------------------------------------------------- records
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def record_hash(manifest: Any, record: Any) -> str:
     """sha256 of what the model sees: the image file's bytes (the same value as
     ``DecodedImage.content_hash``), an array row's bytes, or a text-only record's text."""
     if record.path is not None:
-        return _sha256_file(Path(record.path))
+        return sha256_file(Path(record.path))
     if manifest.arrays is not None and record.array_index is not None:
         arr = np.ascontiguousarray(manifest.arrays[record.split][record.array_index])
         return hashlib.sha256(str(arr.shape).encode() + arr.tobytes()).hexdigest()

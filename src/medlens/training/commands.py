@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medlens.commandline import friendly as _friendly
+from medlens.commandline import progress_bar
 from medlens.training.calibrate import DEFAULT_DATA
 
 
@@ -99,7 +100,6 @@ def calibrate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Fit per-domain temperatures and urgent-finding thresholds on validation splits."""
-    from medlens.cli import _progress
     from medlens.errors import ConfigError
     from medlens.models import load_encoder
     from medlens.training.calibrate import calibrate, write_calibration
@@ -115,7 +115,7 @@ def calibrate_cmd(
         enc = LiteEncoder.load(heads)
     else:
         enc = load_encoder(model)
-    with _progress() as progress:
+    with progress_bar() as progress:
 
         def factory(label: str, total: int) -> Callable[[int], None]:
             task = progress.add_task(f"embedding {label}", total=total)
