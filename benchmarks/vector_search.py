@@ -14,6 +14,7 @@ uniform 18-90.
     python benchmarks/vector_search.py --sizes 10000,100000 --out results/vector_search.json
     python benchmarks/vector_search.py --sizes 1000000 --workdir /tmp/ml-bench   # ~1 GiB index
     python benchmarks/vector_search.py --sizes 10000 --client-local   # qdrant-client local mode
+    python benchmarks/vector_search.py --sizes 1000000 --ef 256,512,1024   # recall vs. ef ramp
 
 Speed goals are reported here, never asserted in tests.
 """
@@ -129,7 +130,9 @@ def rss_gib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
-def run_size(n: int, dim: int, workdir: Path, n_queries: int, client_local: bool) -> dict:
+def run_size(
+    n: int, dim: int, workdir: Path, n_queries: int, client_local: bool, efs: list[int]
+) -> dict:
     vecs, labels, age, centers, _ = make_data(n, dim)
     qs = queries(centers, n_queries)
     row: dict = {"n": n, "dim": dim}
@@ -143,6 +146,14 @@ def run_size(n: int, dim: int, workdir: Path, n_queries: int, client_local: bool
     row.update(build(store, name, vecs, labels, age))
     row["filtered"] = measure(store, name, vecs, labels, age, qs, filtered=True)
     row["unfiltered"] = measure(store, name, vecs, labels, age, qs, filtered=False)
+    row["search_ef"] = EdgeStore.SEARCH_EF
+    row["ef_ramp"] = {
+        str(ef): {
+            "filtered": measure(store, name, vecs, labels, age, qs, filtered=True, ef=ef),
+            "unfiltered": measure(store, name, vecs, labels, age, qs, filtered=False, ef=ef),
+        }
+        for ef in efs
+    }
     row["peak_rss_gib"] = rss_gib()
     if not client_local:
         row["disk_mib"] = round(
@@ -159,12 +170,14 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/medlens-vector-bench"))
     ap.add_argument("--client-local", action="store_true", help="measure qdrant-client local mode")
+    ap.add_argument("--ef", default="", help="also measure these search ef values, e.g. 64,512")
     ap.add_argument("--keep", action="store_true", help="keep the built collections")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
-        row = run_size(n, args.dim, args.workdir, args.queries, args.client_local)
+        efs = [int(e) for e in args.ef.split(",") if e.strip()]
+        row = run_size(n, args.dim, args.workdir, args.queries, args.client_local, efs)
         print(json.dumps(row), flush=True)
         rows.append(row)
     if not args.keep:

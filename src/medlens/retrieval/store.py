@@ -33,6 +33,12 @@ from medlens.errors import ConfigError
 # Payload fields that get an index (and so can be filtered fast), by type.
 KEYWORD_FIELDS = ("domain", "labels", "findings", "dataset", "split", "sex", "view", "finding_id")
 FLOAT_FIELDS = ("age",)
+# Fields whose values get their own extra HNSW links (Qdrant's payload-aware graph), so a
+# selective filter on them keeps recall. Every other indexed field is filtered through the
+# main graph (ACORN for selective combinations): extra graphs for near-constant fields
+# (domain is fixed per collection, split, sex) or numeric ranges (age) multiplied the
+# 1M-point build time several-fold for no recall (benchmarks/vector_search.py).
+HNSW_FIELDS = frozenset({"labels", "findings", "finding_id"})
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 OPS = ("eq", "in", "gte", "gt", "lte", "lt")
 
@@ -144,7 +150,7 @@ class EdgeStore:
     # ef=128 at search time (benchmarks/vector_search.py).
     HNSW_M = 16
     EF_CONSTRUCT = 128
-    SEARCH_EF = 128
+    SEARCH_EF = 256
     SEARCH_THREADS = 1
 
     _open: ClassVar[dict[Path, Any]] = {}  # process-wide: a shard may be loaded only once
@@ -203,9 +209,11 @@ class EdgeStore:
                 raise _open_error(path, exc) from exc
             self._open[path] = shard
         for f in KEYWORD_FIELDS:
-            shard.update(qe.UpdateOperation.create_field_index(f, qe.PayloadSchemaType.Keyword))
+            params = qe.KeywordIndexParams(enable_hnsw=f in HNSW_FIELDS)
+            shard.update(qe.UpdateOperation.create_field_index(f, params))
         for f in FLOAT_FIELDS:
-            shard.update(qe.UpdateOperation.create_field_index(f, qe.PayloadSchemaType.Float))
+            params = qe.FloatIndexParams(enable_hnsw=f in HNSW_FIELDS)
+            shard.update(qe.UpdateOperation.create_field_index(f, params))
         shard.flush()
 
     def drop(self, name: str) -> None:
@@ -268,7 +276,9 @@ class EdgeStore:
             query=qe.Query.Nearest(np.asarray(vector, np.float32).ravel().tolist(), using=using),
             filter=_edge_filter(filters),
             with_payload=True,
-            params=qe.SearchParams(hnsw_ef=ef or self.SEARCH_EF, exact=exact),
+            params=qe.SearchParams(
+                hnsw_ef=ef or self.SEARCH_EF, exact=exact, acorn=qe.AcornSearchParams(enable=True)
+            ),
         )
         return [
             Hit(str(p.id), float(p.score), dict(p.payload or {}))
@@ -422,9 +432,11 @@ class ServerStore:
         )
         with self._quiet():
             for f in KEYWORD_FIELDS:
-                self.client.create_payload_index(name, f, m.PayloadSchemaType.KEYWORD)
+                schema = m.KeywordIndexParams(type="keyword", enable_hnsw=f in HNSW_FIELDS)
+                self.client.create_payload_index(name, f, schema)
             for f in FLOAT_FIELDS:
-                self.client.create_payload_index(name, f, m.PayloadSchemaType.FLOAT)
+                schema = m.FloatIndexParams(type="float", enable_hnsw=f in HNSW_FIELDS)
+                self.client.create_payload_index(name, f, schema)
 
     def drop(self, name: str) -> None:
         if self.exists(name):
@@ -483,7 +495,11 @@ class ServerStore:
                 limit=int(k),
                 query_filter=_client_filter(filters),
                 with_payload=True,
-                search_params=m.SearchParams(hnsw_ef=ef or EdgeStore.SEARCH_EF, exact=exact),
+                search_params=m.SearchParams(
+                    hnsw_ef=ef or EdgeStore.SEARCH_EF,
+                    exact=exact,
+                    acorn=m.AcornSearchParams(enable=True),
+                ),
             )
         return [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in res.points]
 
