@@ -192,18 +192,40 @@ def _isic_truth(data: Path) -> dict[str, str]:
 @friendly
 def train_align_cmd(
     model: str = typer.Option(
-        "lite", help="lite (heads on frozen towers) | open_clip:… | hf:… (LoRA)."
+        "lite", help="lite (tail blocks + heads, or heads only) | open_clip:… | hf:… (LoRA)."
     ),
     data: str = typer.Option(",".join(_DEFAULT_ALIGN_DATA), help="Comma-separated dataset names."),
-    epochs: int = typer.Option(20, min=1),
-    lr: float = typer.Option(1e-3, help="Learning rate (LoRA runs: try 1e-4)."),
-    batch_size: int = typer.Option(512, min=2, help="Batch size (LoRA runs: try 32)."),
+    epochs: int | None = typer.Option(
+        None, min=1, help="Default: the recipe's (lite 5; heads-only 20)."
+    ),
+    lr: float | None = typer.Option(None, help="Default 1e-3 (LoRA runs: try 1e-4)."),
+    batch_size: int | None = typer.Option(
+        None, min=2, help="Default 128 (heads-only 512; LoRA runs: try 32)."
+    ),
     seed: int = typer.Option(0),
     balance: bool = typer.Option(
-        True, help="Class balancing (loss weights for lite; resampling for LoRA)."
+        True,
+        help="Class balancing: majority undersampling + minority oversampling per epoch "
+        "(heads-only lite: loss weights).",
     ),
-    augment: bool = typer.Option(
-        False, help="LoRA runs: torchvision v2 augmentation on training pairs."
+    augment: bool | None = typer.Option(
+        None, help="torchvision v2 augmentation on training images (default: on for lite)."
+    ),
+    tune_from: int | None = typer.Option(
+        None,
+        min=0,
+        max=18,
+        help="lite: fine-tune MobileNetV2 blocks from this index on (default 7).",
+    ),
+    heads_only: bool = typer.Option(
+        False, help="lite: train only the heads on cached frozen features (fastest)."
+    ),
+    image_size: int | None = typer.Option(None, min=32, help="lite input size (default 224)."),
+    colour_constancy: bool = typer.Option(
+        True, help="lite: shades-of-gray colour constancy before the image tower."
+    ),
+    views: int | None = typer.Option(
+        None, min=0, help="lite: cached augmented views per training image (default 2)."
     ),
     lora_r: int = typer.Option(32, "--lora-r"),
     lora_alpha: int = typer.Option(64, "--lora-alpha"),
@@ -213,10 +235,11 @@ def train_align_cmd(
     limit: int | None = typer.Option(None, help="Records per split (smoke runs)."),
     out: Path = typer.Option(Path("runs/lite"), help="Run directory."),
     install: bool = typer.Option(
-        False, help="lite: copy the trained heads into the package as the default weights."
+        False, help="lite: copy the trained weights into the package as the default model."
     ),
 ) -> None:
     """Align image and text towers on the sample datasets' train splits."""
+    import dataclasses
     import shutil
 
     datasets = tuple(d.strip() for d in data.split(",") if d.strip())
@@ -224,12 +247,12 @@ def train_align_cmd(
         _train_lora(
             model,
             datasets,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
+            epochs=epochs or 20,
+            lr=lr or 1e-4,
+            batch_size=batch_size or 32,
             seed=seed,
             balance=balance,
-            augment=augment,
+            augment=bool(augment),
             r=lora_r,
             alpha=lora_alpha,
             targets=lora_targets,
@@ -237,16 +260,23 @@ def train_align_cmd(
             out=out,
         )
         return
-    from medlens.training.align import AlignConfig, train_align
+    from medlens.training.align import DEFAULT_RECIPE, AlignConfig, train_align
 
-    cfg = AlignConfig(
+    base = AlignConfig() if heads_only else DEFAULT_RECIPE
+    cfg = dataclasses.replace(
+        base,
         data=datasets,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
+        epochs=epochs or base.epochs,
+        lr=lr or base.lr,
+        batch_size=batch_size or base.batch_size,
         seed=seed,
         balance=balance,
         limit=limit,
+        tune_from=None if heads_only else (base.tune_from if tune_from is None else tune_from),
+        image_size=image_size or base.image_size,
+        colour_constancy=colour_constancy,
+        augment=base.augment if augment is None else augment,
+        views=base.views if views is None else views,
     )
     with progress_bar() as progress:
         metrics = train_align(cfg, out, get_settings().cache_dir / "features", progress)
@@ -257,7 +287,7 @@ def train_align_cmd(
         shutil.copyfile(out / "lite_heads.safetensors", DEFAULT_HEADS_PATH)
         DEFAULT_HEADS_PATH.chmod(0o644)
         console.print(
-            f"installed heads to {DEFAULT_HEADS_PATH}; run `medlens calibrate --write` next"
+            f"installed weights to {DEFAULT_HEADS_PATH}; run `medlens calibrate --write` next"
         )
 
 

@@ -1,13 +1,16 @@
-"""The default offline encoder: frozen pretrained towers + small trained projection heads.
+"""The default offline encoder: pretrained towers + small trained projection heads.
 
 Why this design: MedLens must work on an air-gapped CPU box out of the box. Both towers
-ship as pip packages (ImageNet MobileNetV2, all-MiniLM-L6-v2), stay frozen, and only two
-projection heads (~3 M parameters) plus a temperature are trained, on cached backbone
-features, by ``medlens train align``. The heads live in ``models/weights/lite_heads.safetensors``.
+ship as pip packages (ImageNet MobileNetV2, all-MiniLM-L6-v2). The text tower stays
+frozen; of the image tower, either nothing (heads-only, trained on cached features) or
+its last blocks from ``tune_from`` on (the *tail*) are fine-tuned together with two
+projection heads and a temperature by ``medlens train align``. Heads and tail live in
+``models/weights/lite_heads.safetensors``; the frozen prefix is shared process-wide.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -119,13 +122,27 @@ TEXT_DIM = 384
 _TOKENIZER_LOCK = threading.Lock()
 
 
-def preprocess_version(backbone: str, image_size: int) -> str:
+def preprocess_version(backbone: str, image_size: int, colour_constancy: bool = False) -> str:
     spec = BACKBONES[backbone]
+    cc = f"|shades-of-gray p={SHADES_OF_GRAY_P}" if colour_constancy else ""
     return (
         f"lite-pp1|{backbone}|shorter-side {image_size} {spec.interpolation} antialias|"
-        f"center-crop {image_size}|mean {spec.mean} std {spec.std}|"
+        f"center-crop {image_size}{cc}|mean {spec.mean} std {spec.std}|"
         f"minilm-l6 mean-pool max_length {TEXT_MAX_LENGTH}"
     )
+
+
+SHADES_OF_GRAY_P = 6
+
+
+def shades_of_gray(x: torch.Tensor, p: int = SHADES_OF_GRAY_P) -> torch.Tensor:
+    """Colour constancy (Finlayson & Trezzi 2004, p = 6 as used for ISIC by Barata et al.
+    2015) on float (N, 3, H, W) in [0, 255]: divide out the estimated illuminant so a
+    colour cast (camera, dermatoscope, a red-pushed export) is removed before the model
+    sees the image. Grey images (X-rays) are unchanged."""
+    illum = x.clamp(min=0).pow(p).mean(dim=(2, 3), keepdim=True).pow(1.0 / p)
+    gain = illum.mean(dim=1, keepdim=True) / illum.clamp(min=1e-6)
+    return (x * gain).clamp(0, 255)
 
 
 # -- frozen towers, loaded once per process ------------------------------------------------
@@ -149,10 +166,12 @@ def _text_tower(device: str) -> tuple[Any, nn.Module]:
     return tok, model
 
 
-@lru_cache(maxsize=4)
-def backbone_fingerprint(backbone: str, image_size: int = 224) -> str:
-    """Hash of the frozen towers' weight files + preprocessing: keys the feature cache."""
-    h = hashlib.sha256(preprocess_version(backbone, image_size).encode())
+@lru_cache(maxsize=8)
+def backbone_fingerprint(
+    backbone: str, image_size: int = 224, colour_constancy: bool = False
+) -> str:
+    """Hash of the pretrained towers' weight files + preprocessing."""
+    h = hashlib.sha256(preprocess_version(backbone, image_size, colour_constancy).encode())
     for path in [*BACKBONES[backbone].weight_files(), _text_model_dir() / "model.safetensors"]:
         h.update(file_sha256(path).encode())
     return h.hexdigest()[:16]
@@ -185,11 +204,12 @@ class ProjectionHead(nn.Module):
 
 
 class LiteEncoder(nn.Module):
-    """Frozen MobileNetV2 + MiniLM towers under trainable projection heads.
+    """MobileNetV2 + MiniLM towers under trainable projection heads.
 
-    An ``nn.Module`` whose parameters are exactly the trainable ones (the two heads and
-    ``logit_scale_param``); the frozen towers are shared, process-wide, and not registered.
-    Backbone features are returned on the CPU so they can be cached as numpy.
+    An ``nn.Module`` whose parameters are exactly the trainable ones (the two heads,
+    ``logit_scale_param`` and, with ``tune_from``, the image tower's tail blocks); the
+    frozen towers are shared, process-wide, and not registered. Backbone features are
+    returned on the CPU so they can be cached as numpy.
     """
 
     name = "lite"
@@ -202,6 +222,8 @@ class LiteEncoder(nn.Module):
         image_size: int = 224,
         out_dim: int = EMBED_DIM,
         hidden: int = HEAD_HIDDEN,
+        tune_from: int | None = None,
+        colour_constancy: bool = False,
     ):
         super().__init__()
         if backbone not in BACKBONES:
@@ -212,6 +234,8 @@ class LiteEncoder(nn.Module):
         self.device_name = device
         self.image_size = int(image_size)
         self.dim = out_dim
+        self.tune_from = None if tune_from is None else int(tune_from)
+        self.colour_constancy = bool(colour_constancy)
         spec = BACKBONES[backbone]
         self.image_dim, self.text_dim = spec.feature_dim, TEXT_DIM
         self.image_head = ProjectionHead(spec.feature_dim, out_dim, hidden)
@@ -219,8 +243,12 @@ class LiteEncoder(nn.Module):
         self.logit_scale_param = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.to(device)
         self.eval()
-        self.preprocess_version = preprocess_version(backbone, self.image_size)
-        self.backbone_fingerprint = backbone_fingerprint(backbone, self.image_size)
+        self.preprocess_version = preprocess_version(
+            backbone, self.image_size, self.colour_constancy
+        )
+        self.backbone_fingerprint = backbone_fingerprint(
+            backbone, self.image_size, self.colour_constancy
+        )
         self.meta: dict[str, Any] = {}
         self.calibration: dict[str, Any] = {}
         self.heads_path: Path | None = None
@@ -230,7 +258,17 @@ class LiteEncoder(nn.Module):
         std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
         self._norm = (mean.to(device) * 255.0, std.to(device) * 255.0)
         # Load the towers now: failures surface at construction, not mid-request.
-        self._towers()
+        tower = self._towers()[0]
+        self.image_tail: nn.Module | None = None
+        if self.tune_from is not None:
+            blocks = tower[0]
+            if not 0 <= self.tune_from < len(blocks):
+                raise ConfigError(f"tune_from must be in 0..{len(blocks) - 1}, not {tune_from}")
+            # A trainable copy of the pretrained tail; the prefix stays shared and frozen.
+            self.image_tail = copy.deepcopy(nn.Sequential(blocks[self.tune_from :], *tower[1:]))
+            self.image_tail.requires_grad_(True)
+            self.image_tail.to(device)
+        self.eval()
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -267,7 +305,7 @@ class LiteEncoder(nn.Module):
                 f"{path} is not a MedLens lite heads file (format {raw_meta.get('format')!r}, "
                 f"expected {HEADS_FORMAT!r}); retrain with `medlens train align`"
             )
-        for key in ("backbone", "image_size", "out_dim", "hidden"):
+        for key in ("backbone", "image_size", "out_dim", "hidden", "tune_from", "colour_constancy"):
             if key in arch and key not in kwargs:
                 kwargs[key] = arch[key]
         enc = cls(**kwargs)
@@ -305,6 +343,14 @@ class LiteEncoder(nn.Module):
         return self._fp
 
     @property
+    def features_key(self) -> str:
+        """Keys cached ``image_features``: the pretrained towers and preprocessing, plus
+        the tail's weights when the tail is fine-tuned (its output depends on them)."""
+        if self.image_tail is None:
+            return self.backbone_fingerprint
+        return state_fingerprint(self.image_tail, extra=self.backbone_fingerprint)
+
+    @property
     def logit_scale(self) -> float:
         return float(self.logit_scale_param.detach().exp().clamp(max=100.0))
 
@@ -322,14 +368,13 @@ class LiteEncoder(nn.Module):
 
     # -- parts the training code uses -------------------------------------------------------
     def image_features(self, images: Sequence[np.ndarray], batch_size: int = 16) -> torch.Tensor:
-        """Frozen backbone features (N, 1280), float32 on the CPU; no heads."""
+        """Backbone features (N, 1280), float32 on the CPU; no heads."""
         imgs = check_images(images)
-        tower, _, _ = self._towers()
         out = []
-        with torch.inference_mode():
+        with self._eval_heads(), torch.inference_mode():
             for batch in batched(imgs, batch_size):
                 x = self.preprocess(batch).to(self.device_name, non_blocking=True)
-                out.append(tower(x.contiguous(memory_format=torch.channels_last)).float().cpu())
+                out.append(self.tower_forward(x).float().cpu())
         # Concatenating outside inference mode yields normal tensors autograd can use.
         if not out:
             return torch.zeros((0, self.image_dim), dtype=torch.float32)
@@ -359,6 +404,22 @@ class LiteEncoder(nn.Module):
             return torch.zeros((0, self.text_dim), dtype=torch.float32)
         return torch.cat(out)
 
+    def tower_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels (N, 3, S, S) → pooled features; differentiable through the
+        tail (if any) when called with grad enabled, the frozen prefix never is."""
+        if self.image_tail is None:
+            return self._towers()[0](x.contiguous(memory_format=torch.channels_last))
+        return self.image_tail(self.prefix_forward(x))
+
+    def prefix_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen blocks before ``tune_from``: their output is what a tuned run
+        caches (one pass per image and augmented view) and trains the tail on."""
+        if self.tune_from is None:
+            raise ConfigError("prefix_forward needs a lite encoder with tune_from set")
+        with torch.no_grad():
+            blocks = self._towers()[0][0]
+            return blocks[: self.tune_from](x.contiguous(memory_format=torch.channels_last))
+
     def embed_from_features(
         self, img_feats: torch.Tensor | None = None, txt_feats: torch.Tensor | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -387,6 +448,8 @@ class LiteEncoder(nn.Module):
         arch = {
             "backbone": self.backbone,
             "image_size": self.image_size,
+            "tune_from": self.tune_from,
+            "colour_constancy": self.colour_constancy,
             "out_dim": self.dim,
             "hidden": self.image_head.hidden,
             "image_dim": self.image_dim,
@@ -409,8 +472,8 @@ class LiteEncoder(nn.Module):
                 os.unlink(tmp)
         return path
 
-    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """Shorter side → image_size (antialiased), centre crop, ImageNet normalisation."""
+    def resize_crop(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 (N, 3, S, S): shorter side → image_size (antialiased), centre crop."""
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
 
@@ -423,9 +486,21 @@ class LiteEncoder(nn.Module):
             t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
             t = TF.resize(t, [s], interpolation=mode, antialias=True)
             crops.append(TF.center_crop(t, [s, s]))
-        x = torch.stack(crops).to(self.device_name).float()
+        return torch.stack(crops)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8/float (N, 3, S, S) in [0, 255] → model input (colour constancy, ImageNet
+        normalisation). Training applies it after augmentation, inference after cropping."""
+        x = x.to(self.device_name).float()
+        if self.colour_constancy:
+            x = shades_of_gray(x)
         mean, std = self._norm
         return (x - mean) / std
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Shorter side → image_size (antialiased), centre crop, [colour constancy],
+        ImageNet normalisation."""
+        return self.normalise(self.resize_crop(images))
 
     # -- internals ------------------------------------------------------------------------
     def _towers(self) -> tuple[nn.Module, Any, nn.Module]:
@@ -446,4 +521,7 @@ class LiteEncoder(nn.Module):
             self.train(was)
 
     def extra_repr(self) -> str:
-        return f"backbone={self.backbone}, image_size={self.image_size}, dim={self.dim}"
+        return (
+            f"backbone={self.backbone}, image_size={self.image_size}, dim={self.dim}, "
+            f"tune_from={self.tune_from}, colour_constancy={self.colour_constancy}"
+        )

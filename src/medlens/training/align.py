@@ -1,8 +1,17 @@
-"""Align the lite encoder's projection heads on the sample datasets' train splits.
+"""Align the lite encoder on the sample datasets' train splits.
 
-The backbones (ImageNet MobileNetV2, all-MiniLM-L6-v2) stay frozen, so their features are
-computed once and cached; only the two projection heads and the logit scale train. The
-objective is CLIP-style contrastive alignment with label-aware targets:
+Two recipes share one objective:
+
+- *tuned* (the default): the image tower's last blocks (``tune_from`` on) train with the
+  heads, with majority undersampling and minority oversampling redrawn every epoch. The
+  frozen prefix's output is cached once per image and *view*: view 0 is the inference
+  transform, views 1..``views`` are torchvision v2 augmentations (per domain, fixed
+  seeds); each training step draws one view per image. On a CPU this makes
+  augmentation cost a few prefix passes per image in total instead of one per epoch.
+- *heads-only* (``tune_from=None``): the backbones stay frozen, their features are cached
+  once, and only the two projection heads and the logit scale train, with class weights.
+
+The objective is CLIP-style contrastive alignment with label-aware targets:
 
 - images against their finding's prompt ensemble (softmax over the dermatology findings;
   per-finding sigmoid against the "normal study" reference for chest X-ray, masked to the
@@ -49,6 +58,31 @@ class AlignConfig:
     domain_weight: float = 0.5
     text_weight: float = 0.5
     limit: int | None = None  # per split, for smoke runs
+    # Tuned recipe (tune_from=None: heads only, on cached frozen features).
+    tune_from: int | None = None
+    image_size: int = 224
+    colour_constancy: bool = False
+    augment: bool = False
+    views: int = 3  # augmented views per training image (tuned recipe, with augment)
+    tail_lr_scale: float = 0.3  # the pretrained tail moves slower than the fresh heads
+    cap: int = 1500  # per (dataset, class) and epoch: majority undersampling
+    floor: int = 60  # per (dataset, class) and epoch: minority oversampling
+
+
+# The shipped default (`medlens train align` with no options; docs/models/lite.md).
+DEFAULT_RECIPE = AlignConfig(
+    epochs=5,
+    lr=1e-3,
+    batch_size=128,
+    patience=5,
+    tune_from=7,
+    image_size=224,
+    colour_constancy=True,
+    augment=True,
+    views=2,
+    cap=600,
+    floor=30,
+)
 
 
 @dataclass
@@ -64,6 +98,7 @@ class Table:
     weight: np.ndarray  # (N,) class-balancing weight
     source: np.ndarray  # (N,) dataset name
     texts: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)  # (N,) "dataset:finding" for sampling
 
 
 def _vocab_findings(pack: KnowledgePack, vocab: str) -> list[int]:
@@ -72,7 +107,7 @@ def _vocab_findings(pack: KnowledgePack, vocab: str) -> list[int]:
 
 def build_table(
     manifests: list[tuple[Manifest, list[Record]]],
-    features: list[np.ndarray],
+    features: list[np.ndarray] | None,
     balance: bool,
 ) -> Table:
     derm, cxr = load_domain("dermatology"), load_domain("chest_xray")
@@ -122,7 +157,11 @@ def build_table(
     else:
         w = np.ones(len(cls))
     return Table(
-        feats=np.concatenate(features).astype(np.float32),
+        feats=(
+            np.concatenate(features).astype(np.float32)
+            if features
+            else np.zeros((len(cls), 0), np.float32)
+        ),
         domain=np.array(rows["domain"], np.int64),
         derm=np.array(rows["derm"], np.int64),
         cxr=np.stack(rows["cxr"]),
@@ -131,6 +170,7 @@ def build_table(
         weight=w.astype(np.float32),
         source=np.array(rows["src"]),
         texts=list(texts),
+        classes=list(cls),
     )
 
 
@@ -171,9 +211,13 @@ def batch_loss(
     idx: np.ndarray,
     text_feats: torch.Tensor | None,
     cfg: AlignConfig,
+    img: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The objective on one batch; ``img`` (normalised embeddings of the batch) is given
+    when the image tower trains, else computed from the cached features."""
     cls = bank.embed(enc.text_head)
-    img = F.normalize(enc.image_head(torch.from_numpy(table.feats[idx])), dim=-1)
+    if img is None:
+        img = F.normalize(enc.image_head(torch.from_numpy(table.feats[idx])), dim=-1)
     scale = enc.logit_scale_param.exp().clamp(max=100.0)
     w = torch.from_numpy(table.weight[idx])
     parts: dict[str, torch.Tensor] = {}
@@ -249,84 +293,147 @@ def _load_split(name: str, split: str, limit: int | None) -> tuple[Manifest, lis
     return m, recs
 
 
+def _new_encoder(cfg: AlignConfig) -> Any:
+    from medlens.models.lite import LiteEncoder
+
+    return LiteEncoder.untrained(
+        seed=cfg.seed,
+        image_size=cfg.image_size,
+        tune_from=cfg.tune_from,
+        colour_constancy=cfg.colour_constancy,
+    )
+
+
+def _features(
+    enc: Any,
+    splits: list[tuple[Manifest, list[Record]]],
+    label: str,
+    cache_dir: Path,
+    progress: Any,
+) -> list[np.ndarray]:
+    """Per split: frozen-backbone features (heads-only recipe), cached on disk."""
+    task = progress.add_task(f"features ({label})", total=sum(len(r) for _, r in splits))
+    return [
+        cached_features(
+            m,
+            recs,
+            lambda ims: enc.image_features(ims).numpy(),
+            enc.features_key,
+            cache_dir,
+            on_batch=lambda n: progress.advance(task, n),
+        )
+        for m, recs in splits
+    ]
+
+
+def _prefix_maps(
+    enc: Any,
+    splits: list[tuple[Manifest, list[Record]]],
+    label: str,
+    cache_dir: Path,
+    progress: Any,
+    view: int,
+    seed: int,
+) -> np.ndarray:
+    """Frozen-prefix outputs (N, C, H, W) as float16 for one view of every record: view 0
+    is the inference transform, others a seeded per-domain augmentation. Cached on disk
+    (keyed by backbone, tune_from, view, augmentation and seed)."""
+    from medlens.training.lora import AUGMENT_VERSION, make_augment
+
+    augment = make_augment(seed_size=enc.image_size) if view else None
+    desc = f"view{view}-{AUGMENT_VERSION}-seed{seed}" if view else "view0"
+    key = f"prefix-{enc.backbone_fingerprint}-from{enc.tune_from}-{desc}"
+    task = progress.add_task(
+        f"frozen prefix ({label}, view {view})", total=sum(len(r) for _, r in splits)
+    )
+    out = []
+    for i, (m, recs) in enumerate(splits):
+
+        def extract(ims: list[np.ndarray], domain: str = m.domain) -> np.ndarray:
+            x = enc.resize_crop(ims)
+            if augment is not None:
+                hwc = x.permute(0, 2, 3, 1).numpy()
+                x = torch.from_numpy(np.stack([augment(im, domain) for im in hwc]))
+                x = x.permute(0, 3, 1, 2)
+            return enc.prefix_forward(enc.normalise(x)).float().cpu().numpy()
+
+        torch.manual_seed(seed * 1000 + view * 100 + i)  # only drawn from on a cache miss
+        out.append(
+            cached_features(
+                m,
+                recs,
+                extract,
+                key,
+                cache_dir,
+                on_batch=lambda n: progress.advance(task, n),
+                dtype=np.float16,
+            )
+        )
+    return np.concatenate(out)
+
+
+def _map_features(enc: Any, maps: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Eval-mode tail features of cached prefix maps (validation)."""
+    out = []
+    with enc._eval_heads(), torch.inference_mode():
+        for s in range(0, len(maps), batch):
+            out.append(enc.image_tail(torch.from_numpy(maps[s : s + batch]).float()).numpy())
+    return np.concatenate(out) if out else np.zeros((0, enc.image_dim), np.float32)
+
+
+def _epoch_order(
+    train: Table, cfg: AlignConfig, epoch: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Indices for one epoch: balanced afresh each epoch (so every naevus is seen over
+    the run) when the tuned recipe balances; a plain permutation otherwise."""
+    if cfg.tune_from is not None and cfg.balance:
+        from medlens.training.lora import BalanceRecipe, balance_indices
+
+        keep, _ = balance_indices(
+            train.classes, BalanceRecipe(cap=cfg.cap, floor=cfg.floor, seed=cfg.seed + epoch)
+        )
+        return rng.permutation(keep)
+    return rng.permutation(len(train.feats))
+
+
 def train_align(
     cfg: AlignConfig, out: Path, cache_dir: Path, progress: Any = None
 ) -> dict[str, Any]:
-    """Train the lite heads; write ``lite_heads.safetensors``, ``config.json`` and
+    """Train the lite encoder; write ``lite_heads.safetensors``, ``config.json`` and
     ``metrics.json`` to ``out``. Returns the final metrics."""
-    from medlens.models.lite import LiteEncoder
+    from contextlib import nullcontext
+
+    from rich.progress import Progress
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    enc = LiteEncoder.untrained(seed=cfg.seed)
+    enc = _new_encoder(cfg)
+    tuned = cfg.tune_from is not None
     started = time.time()
-
-    def features_for(splits: list[tuple[Manifest, list[Record]]], label: str) -> list[np.ndarray]:
-        total = sum(len(r) for _, r in splits)
-        task = progress.add_task(f"features ({label})", total=total) if progress else None
-        feats = []
-        for m, recs in splits:
-            feats.append(
-                cached_features(
-                    m,
-                    recs,
-                    lambda ims: enc.image_features(ims).numpy(),
-                    enc.backbone_fingerprint,
-                    cache_dir,
-                    on_batch=(lambda n: progress.advance(task, n)) if progress else None,
-                )
+    ctx = nullcontext(progress) if progress is not None else Progress(disable=True)
+    with ctx as progress:
+        train_splits = [_load_split(n, "train", cfg.limit) for n in cfg.data]
+        val_splits = [_load_split(n, "val", cfg.limit) for n in cfg.data]
+        maps: tuple[list[np.ndarray], np.ndarray] | None = None
+        if tuned:
+            n_views = cfg.views if cfg.augment else 0
+            maps = (
+                [
+                    _prefix_maps(enc, train_splits, "train", cache_dir, progress, v, cfg.seed)
+                    for v in range(n_views + 1)
+                ],
+                _prefix_maps(enc, val_splits, "val", cache_dir, progress, 0, cfg.seed),
             )
-        return feats
-
-    train_splits = [_load_split(n, "train", cfg.limit) for n in cfg.data]
-    val_splits = [_load_split(n, "val", cfg.limit) for n in cfg.data]
-    train = build_table(train_splits, features_for(train_splits, "train"), cfg.balance)
-    val = build_table(val_splits, features_for(val_splits, "val"), balance=False)
-    bank = PromptBank(enc)
-    text_feats = enc.text_features(train.texts) if train.texts else None
-
-    params = [*enc.image_head.parameters(), *enc.text_head.parameters(), enc.logit_scale_param]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train.feats) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1
-    )
-    history: list[dict[str, Any]] = []
-    best = (-1.0, None, 0)
-    task = progress.add_task("training heads", total=cfg.epochs) if progress else None
-    for epoch in range(cfg.epochs):
-        enc.image_head.train()
-        enc.text_head.train()
-        order = rng.permutation(len(train.feats))
-        sums: Counter[str] = Counter()
-        for b in range(steps_per_epoch):
-            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            loss, parts = batch_loss(enc, bank, train, idx, text_feats, cfg)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            sums.update(parts)
-        enc.image_head.eval()
-        enc.text_head.eval()
-        val_scores = evaluate_heads(enc, bank, val)
-        score = float(np.mean(list(val_scores.values()))) if val_scores else 0.0
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "loss": {k: v / steps_per_epoch for k, v in sums.items()},
-                "val": val_scores,
-                "val_mean": score,
-            }
-        )
-        if score > best[0]:
-            best = (score, {k: v.clone() for k, v in enc.heads_state().items()}, epoch + 1)
-        if progress:
-            progress.update(task, advance=1, description=f"training heads (val {score:.3f})")
-            losses = " ".join(f"{k} {v / steps_per_epoch:.3f}" for k, v in sums.items())
-            progress.console.print(f"epoch {epoch + 1}: {losses} | val {score:.3f} {val_scores}")
-        if epoch + 1 - best[2] >= cfg.patience:
-            break
+            train_feats = val_feats = None
+        else:
+            train_feats = _features(enc, train_splits, "train", cache_dir, progress)
+            val_feats = _features(enc, val_splits, "val", cache_dir, progress)
+        # Tuned: loss weights stay 1, the sampler balances; heads-only: class weights.
+        train = build_table(train_splits, train_feats, cfg.balance and not tuned)
+        val = build_table(val_splits, val_feats, balance=False)
+        bank = PromptBank(enc)
+        text_feats = enc.text_features(train.texts) if train.texts else None
+        history, best = _fit(enc, cfg, train, val, maps, bank, text_feats, rng, progress)
     enc.load_heads(best[1])
     minutes = (time.time() - started) / 60
     metrics = {
@@ -334,8 +441,8 @@ def train_align(
         "val_mean": best[0],
         "val": history[best[2] - 1]["val"],
         "minutes": round(minutes, 2),
-        "n_train": len(train.feats),
-        "n_val": len(val.feats),
+        "n_train": len(train.classes),
+        "n_val": len(val.classes),
     }
     versions = {m.name: m.version for m, _ in train_splits}
     out.mkdir(parents=True, exist_ok=True)
@@ -350,3 +457,89 @@ def train_align(
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=list))
     (out / "metrics.json").write_text(json.dumps({**metrics, "history": history}, indent=2))
     return metrics
+
+
+def _fit(
+    enc: Any,
+    cfg: AlignConfig,
+    train: Table,
+    val: Table,
+    maps: tuple[list[np.ndarray], np.ndarray] | None,
+    bank: PromptBank,
+    text_feats: torch.Tensor | None,
+    rng: np.random.Generator,
+    progress: Any,
+) -> tuple[list[dict[str, Any]], tuple[float, Any, int]]:
+    """The epoch loop with early stopping on the mean validation score; returns the
+    history and (best score, best state, best epoch)."""
+    tuned = maps is not None
+    started = time.time()
+    head_params = [*enc.image_head.parameters(), *enc.text_head.parameters(), enc.logit_scale_param]
+    groups: list[dict[str, Any]] = [{"params": head_params, "lr": cfg.lr}]
+    if tuned:
+        groups.append(
+            {"params": list(enc.image_tail.parameters()), "lr": cfg.lr * cfg.tail_lr_scale}
+        )
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    n_epoch = len(_epoch_order(train, cfg, 0, np.random.default_rng(0)))
+    steps_per_epoch = math.ceil(n_epoch / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=[g["lr"] for g in groups],
+        total_steps=cfg.epochs * steps_per_epoch,
+        pct_start=0.1,
+    )
+    history: list[dict[str, Any]] = []
+    best: tuple[float, Any, int] = (-1.0, None, 0)
+    task = progress.add_task("training", total=cfg.epochs * steps_per_epoch)
+    for epoch in range(cfg.epochs):
+        enc.train()
+        order = _epoch_order(train, cfg, epoch, rng)
+        sums: Counter[str] = Counter()
+        for b in range(steps_per_epoch):
+            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            img = None
+            if tuned:
+                img = _train_embeddings(enc, maps[0], idx, rng)
+            loss, parts = batch_loss(enc, bank, train, idx, text_feats, cfg, img=img)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            sums.update(parts)
+            progress.advance(task)
+        enc.eval()
+        if tuned:
+            val.feats = _map_features(enc, maps[1])
+        val_scores = evaluate_heads(enc, bank, val)
+        score = float(np.mean(list(val_scores.values()))) if val_scores else 0.0
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": {k: v / steps_per_epoch for k, v in sums.items()},
+                "val": val_scores,
+                "val_mean": score,
+                "minutes": round((time.time() - started) / 60, 2),
+            }
+        )
+        if score > best[0]:
+            best = (score, enc.heads_state(), epoch + 1)
+        losses = " ".join(f"{k} {v / steps_per_epoch:.3f}" for k, v in sums.items())
+        vals = " ".join(f"{k} {v:.3f}" for k, v in val_scores.items())
+        progress.console.print(f"epoch {epoch + 1}: {losses} | val {score:.3f} ({vals})")
+        if epoch + 1 - best[2] >= cfg.patience:
+            break
+    return history, best
+
+
+def _train_embeddings(
+    enc: Any, views: list[np.ndarray], idx: np.ndarray, rng: np.random.Generator
+) -> torch.Tensor:
+    """Normalised image embeddings of one training batch: one cached view per image
+    (drawn at random), through the trainable tail and image head."""
+    pick = rng.integers(len(views), size=len(idx))
+    h = np.stack([views[v][i] for v, i in zip(pick, idx, strict=True)])
+    feats = enc.image_tail(
+        torch.from_numpy(h).float().contiguous(memory_format=torch.channels_last)
+    )
+    return F.normalize(enc.image_head(feats), dim=-1)

@@ -1,5 +1,7 @@
-"""Calibrate an encoder on validation splits: a temperature per domain and per-finding
-triage thresholds chosen for a target sensitivity.
+"""Calibrate an encoder on validation splits: a temperature per domain (plus, for
+single-label domains, per-finding logit offsets: bias-corrected temperature scaling) and
+per-finding triage thresholds chosen for a target sensitivity on every validation
+source (pooled and per dataset).
 
 Probabilities are computed exactly as ``MedLens.analyze`` computes them from an image
 (prompt-ensemble similarities × the encoder's logit scale; dermatology: softmax over
@@ -8,7 +10,8 @@ reference), so a threshold chosen here means the same thing in the pipeline. Onl
 validation splits are read; test splits stay untouched for ``medlens eval``.
 
 The result is what ``LiteEncoder.calibration`` holds (``meta["calibration"]`` of the heads
-file): ``{"temperature": {domain: T}, "thresholds": {domain: {finding: p}}, ...}``.
+file): ``{"temperature": {domain: T}, "bias": {domain: {finding: b}},
+"thresholds": {domain: {finding: p}}, ...}``; probabilities are softmax((z + b) / T).
 Symptom text is not part of the fit: with symptoms the pipeline adds a symptom term to
 the logits, and the image-only temperature and thresholds are applied unchanged.
 """
@@ -40,6 +43,10 @@ DEFAULT_DATA = ("dermamnist", "pad_ufes_20", "dermnet", "covid_chestxray", "pneu
 SPLIT = "val"
 ECE_BINS = 15
 MIN_POSITIVES = 5  # below this a sensitivity on validation says nothing
+# A single source binds the threshold only with this many positives: with fewer, its
+# 0.90 quantile is its one lowest positive, and one odd case would set the operating
+# point for every user (7 PAD-UFES-20 melanomas cost 0.6 specificity on DermaMNIST).
+MIN_SOURCE_POSITIVES = 20
 THRESHOLD_DECIMALS = 6  # stored thresholds are rounded *down*: sensitivity never drops
 
 AdvanceFactory = Callable[[str, int], Callable[[int], None] | None]
@@ -135,10 +142,14 @@ def _r(x: float, nd: int = 4) -> float | None:
     return round(float(x), nd) if np.isfinite(x) else None
 
 
-def probabilities(d: dict[str, np.ndarray], task: str, temperature: float) -> np.ndarray:
-    """(N, K) probabilities as the pipeline computes them at ``temperature``."""
+def probabilities(
+    d: dict[str, np.ndarray], task: str, temperature: float, bias: np.ndarray | None = None
+) -> np.ndarray:
+    """(N, K) probabilities as the pipeline computes them at ``temperature`` (and the
+    per-finding ``bias`` of single-label domains)."""
     if task == "single_label":
-        return zeroshot.single_label_probs(d["logits"], temperature)
+        z = d["logits"] if bias is None else d["logits"] + bias
+        return zeroshot.single_label_probs(z, temperature)
     return zeroshot.sigmoid(d["z"] / float(temperature))
 
 
@@ -151,16 +162,21 @@ def _ece(d: dict[str, np.ndarray], task: str, p: np.ndarray, rows: np.ndarray) -
     return M.ece(M.binary_probs(p[m]), d["targets"][m].astype(int), ECE_BINS)
 
 
-def _nll(d: dict[str, np.ndarray], task: str, t: float, rows: np.ndarray) -> float:
+def _nll(
+    d: dict[str, np.ndarray], task: str, t: float, rows: np.ndarray, bias: Any = None
+) -> float:
     if task == "single_label":
-        return C.softmax_nll(d["logits"][rows], d["targets"][rows], t)
+        z = d["logits"][rows] if bias is None else d["logits"][rows] + bias
+        return C.softmax_nll(z, d["targets"][rows], t)
     return C.sigmoid_nll(d["z"][rows], d["targets"][rows], t, d["mask"][rows])
 
 
-def fit_domain_temperature(d: dict[str, np.ndarray], task: str) -> float:
+def fit_domain(d: dict[str, np.ndarray], task: str) -> tuple[float, np.ndarray | None]:
+    """(temperature, per-finding bias or None): bias-corrected temperature scaling for a
+    differential, a temperature alone for per-finding sigmoids."""
     if task == "single_label":
-        return C.fit_temperature(d["logits"], d["targets"])
-    return C.fit_temperature_multilabel(d["z"], d["targets"], d["mask"])
+        return C.fit_temperature_and_bias(d["logits"], d["targets"])
+    return C.fit_temperature_multilabel(d["z"], d["targets"], d["mask"]), None
 
 
 def threshold_for_sensitivity(p: np.ndarray, positive: np.ndarray, target: float) -> float:
@@ -206,7 +222,17 @@ def _thresholds(
         if n_pos < MIN_POSITIVES:
             report[f.id] = {"threshold": None, "positives": n_pos, "note": "too few positives"}
             continue
+        # The operating point must hold on every validation source with enough
+        # positives (MIN_SOURCE_POSITIVES), not only on the pool, where the largest
+        # dataset dominates: the lowest of the pooled and per-source thresholds is kept.
         t = threshold_for_sensitivity(p[rows, k], y[rows], target)
+        binding = "all (pooled)"
+        for src in np.unique(d["source"][rows]):
+            sel = rows & (d["source"] == src)
+            if int(y[sel].sum()) >= MIN_SOURCE_POSITIVES:
+                ts = threshold_for_sensitivity(p[sel, k], y[sel], target)
+                if ts < t:
+                    t, binding = ts, str(src)
         thresholds[f.id] = t
         per_dataset = {
             str(src): _sens_spec(
@@ -216,6 +242,7 @@ def _thresholds(
         }
         report[f.id] = {
             "threshold": t,
+            "set_by": binding,
             **_sens_spec(p[rows, k], y[rows], t),
             "per_dataset": per_dataset,
         }
@@ -251,6 +278,7 @@ def calibrate(
         raise ConfigError(f"no labelled {SPLIT} images in {', '.join(data)}")
     out: dict[str, Any] = {
         "temperature": {},
+        "bias": {},
         "thresholds": {},
         "target_sensitivity": target_sensitivity,
         "split": SPLIT,
@@ -261,9 +289,15 @@ def calibrate(
     }
     for domain, dd in domains.items():
         d, task = dd.stacked(), dd.pack.task
-        # Rounded first: the stored value is the one thresholds are chosen under.
-        t = round(fit_domain_temperature(d, task), 4)
-        p0, p1 = probabilities(d, task, 1.0), probabilities(d, task, t)
+        # Rounded first: the stored values are the ones thresholds are chosen under.
+        t, bias = fit_domain(d, task)
+        t = round(t, 4)
+        if bias is not None:
+            bias = np.round(bias, 4)
+            out["bias"][domain] = {
+                f.id: float(b) for f, b in zip(dd.pack.findings, bias, strict=True)
+            }
+        p0, p1 = probabilities(d, task, 1.0), probabilities(d, task, t, bias)
         everything = np.ones(len(d["source"]), bool)
         per_dataset = {}
         for src in np.unique(d["source"]):
@@ -286,7 +320,7 @@ def calibrate(
             ),
             "temperature": t,
             "nll_before": _r(_nll(d, task, 1.0, everything)),
-            "nll_after": _r(_nll(d, task, t, everything)),
+            "nll_after": _r(_nll(d, task, t, everything, bias)),
             "ece_before": _r(_ece(d, task, p0, everything)),
             "ece_after": _r(_ece(d, task, p1, everything)),
             "datasets": per_dataset,

@@ -57,7 +57,7 @@ def calibration_tables(result: dict[str, Any]) -> list[Table]:
                 domain,
                 fid,
                 f"{row['threshold']:.4f}",
-                "all (pooled)",
+                f"all (pooled; set by {row.get('set_by', 'all (pooled)')})",
                 str(row["positives"]),
                 str(row["negatives"]),
                 _fmt(row["sensitivity"]),

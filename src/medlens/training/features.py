@@ -33,8 +33,10 @@ def cached_features(
     cache_dir: Path,
     batch_size: int = 64,
     on_batch: Callable[[int], None] | None = None,
+    dtype: type = np.float32,
 ) -> np.ndarray:
-    """Backbone features for ``records`` (in order), computed once and cached on disk."""
+    """Backbone features (or any per-image array: ``dtype``) for ``records``, in order,
+    computed once and cached on disk."""
     path = cache_dir / f"{manifest.name}_{feature_key(manifest, records, backbone)}.npy"
     if path.is_file():
         if on_batch:
@@ -43,13 +45,12 @@ def cached_features(
     out = []
     for i in range(0, len(records), batch_size):
         batch = records[i : i + batch_size]
-        out.append(np.asarray(extract([manifest.image(r) for r in batch]), dtype=np.float32))
+        out.append(np.asarray(extract([manifest.image(r) for r in batch]), dtype=dtype))
         if on_batch:
             on_batch(len(batch))
-    feats = np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    feats = np.concatenate(out) if out else np.zeros((0, 0), dtype)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
     np.save(tmp, feats)
     tmp.replace(path)
     return feats
-

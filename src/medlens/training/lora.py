@@ -354,6 +354,9 @@ def balance_indices(
     return np.array(out, dtype=int), counts
 
 
+AUGMENT_VERSION = "aug1"  # bump when make_augment's transforms change (keys cached views)
+
+
 def make_augment(seed_size: int = 448) -> Callable[[np.ndarray, str | None], np.ndarray]:
     """torchvision v2 augmentation on uint8 arrays, per domain: dermatology photos may be
     flipped, rotated freely and colour-jittered; chest X-rays only get mild crops,
