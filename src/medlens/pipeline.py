@@ -18,6 +18,7 @@ import numpy as np
 
 from medlens.analysis import domain as domain_mod
 from medlens.analysis import zeroshot
+from medlens.analysis.calibration import bias_vector
 from medlens.analysis.symptoms import clean_symptoms, text_hash
 from medlens.analysis.triage import Triage, triage
 from medlens.config import Settings, get_settings
@@ -119,7 +120,7 @@ class MedLens:
         cal = self.calibration()
         if not cal:
             return None
-        used = {k: cal.get(k) for k in ("temperature", "thresholds")}
+        used = {k: cal.get(k) for k in ("temperature", "bias", "thresholds")}
         return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:12]
 
     # -- the flow ----------------------------------------------------------------------
@@ -243,6 +244,8 @@ class MedLens:
         temperature = float(self.calibration().get("temperature", {}).get(pack.id, 1.0))
         class_emb = zeroshot.finding_embeddings(enc, pack, self.cache_dir)
         logits = zeroshot.similarity_logits(emb, class_emb, scale)
+        if pack.task == "single_label":  # prior correction fitted with the temperature
+            logits = logits + bias_vector(self.calibration(), pack.id, pack.finding_ids)
         ref_logit = np.zeros(1, dtype=np.float32)
         if pack.task == "multi_label":
             ref = zeroshot.reference_embedding(enc, pack, self.cache_dir)

@@ -83,3 +83,57 @@ def fit_temperature_multilabel(
     if targets.size == 0 or (mask is not None and not np.asarray(mask).any()):
         return 1.0
     return _fit(lambda t: sigmoid_nll(logits, targets, t, mask), bounds)
+
+
+def softmax_nll_bias(
+    logits: np.ndarray, y: np.ndarray, temperature: float, bias: np.ndarray
+) -> float:
+    """Mean NLL of ``y`` under softmax((logits + bias) / T)."""
+    return softmax_nll(np.asarray(logits, np.float64) + bias, y, temperature)
+
+
+def fit_temperature_and_bias(
+    logits: np.ndarray, y: np.ndarray, l2: float = 1e-3
+) -> tuple[float, np.ndarray]:
+    """Bias-corrected temperature scaling (Alexandari et al. 2020): a temperature and a
+    per-finding logit offset minimising the softmax NLL of single-label ``logits`` (N, K)
+    for class indices ``y``, with an L2 penalty on the offsets. The offsets undo the class
+    priors that balanced training imposes (rare findings are over-called otherwise) and
+    keep probabilities calibrated; rankings within one finding are unchanged, so
+    thresholds are chosen after it. Returns (1.0, zeros) when there is nothing to fit."""
+    from scipy.optimize import minimize
+
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(y, dtype=int)
+    n, k = z.shape
+    if n == 0:
+        return 1.0, np.zeros(k)
+    onehot = np.zeros_like(z)
+    onehot[np.arange(n), y] = 1.0
+
+    def objective(params: np.ndarray) -> tuple[float, np.ndarray]:
+        t, b = float(np.exp(params[0])), params[1:]
+        u = (z + b) / t
+        lp = _log_softmax(u)
+        g = (np.exp(lp) - onehot) / n  # d NLL / d u
+        nll = -lp[np.arange(n), y].mean() + l2 * float(b @ b)
+        grad_b = g.sum(0) / t + 2 * l2 * b
+        grad_log_t = float(-(g * u).sum())
+        return nll, np.concatenate([[grad_log_t], grad_b])
+
+    lo, hi = np.log(T_BOUNDS[0]), np.log(T_BOUNDS[1])
+    res = minimize(
+        objective,
+        np.zeros(k + 1),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=[(lo, hi)] + [(None, None)] * k,
+    )
+    return float(np.exp(res.x[0])), res.x[1:]
+
+
+def bias_vector(calibration: dict, domain: str, finding_ids: list[str]) -> np.ndarray:
+    """The stored per-finding logit offsets of ``domain`` in ``finding_ids`` order (zero
+    where none is stored: encoders calibrated by temperature only)."""
+    stored = (calibration.get("bias") or {}).get(domain) or {}
+    return np.array([float(stored.get(f, 0.0)) for f in finding_ids], dtype=np.float64)

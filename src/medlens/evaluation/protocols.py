@@ -106,14 +106,14 @@ def embed_records(
     apply the heads on top: retraining the heads never re-runs the backbone. Other
     encoders cache their embeddings per fingerprint in ``cache/embeddings``.
     """
-    if hasattr(encoder, "embed_from_features") and hasattr(encoder, "backbone_fingerprint"):
+    if hasattr(encoder, "embed_from_features") and hasattr(encoder, "features_key"):
         import torch
 
         feats = cached_features(
             manifest,
             records,
             lambda ims: encoder.image_features(ims, batch_size=32).numpy(),
-            encoder.backbone_fingerprint,
+            encoder.features_key,
             get_settings().cache_dir / "features",
             batch_size=64,
             on_batch=advance,
@@ -225,6 +225,11 @@ class Context:
         cal = getattr(self.encoder, "calibration", None) or {}
         t = (cal.get("temperature") or {}).get(domain)
         return float(t) if t else None
+
+    def bias(self, pack: KnowledgePack) -> np.ndarray:
+        """The model's stored per-finding logit offsets (zeros when it has none)."""
+        cal = getattr(self.encoder, "calibration", None) or {}
+        return C.bias_vector(cal, pack.id, pack.finding_ids)
 
     def stored_threshold(self, domain: str, finding: str) -> float | None:
         cal = getattr(self.encoder, "calibration", None) or {}
@@ -345,9 +350,11 @@ def _calibration_block(
     y: np.ndarray,
     fitted: float | None,
     fitted_on: str | None,
+    model_probs: Callable[[float], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """ECE/Brier/NLL of the evaluated probabilities at T = 1, at the model's stored
-    temperature, and at a temperature fitted on the dataset's validation data."""
+    calibration (``model_probs``: temperature plus stored offsets, when it has them), and
+    at a temperature fitted on the dataset's validation data."""
     bins = defaults()["ece_bins"]
     out: dict[str, Any] = {
         "ece_bins": bins,
@@ -355,7 +362,11 @@ def _calibration_block(
     }
     t_model = ctx.temperature(domain)
     out["model_temperature"] = (
-        {"temperature": _r(t_model), **_probs_block(to_probs(t_model), y, bins)}
+        {
+            "temperature": _r(t_model),
+            "bias": model_probs is not None,
+            **_probs_block((model_probs or to_probs)(t_model), y, bins),
+        }
         if t_model
         else None
     )
@@ -372,7 +383,12 @@ def _calibration_block(
 
 
 def _reliability_plot(
-    ctx: Context, title: str, to_probs: Callable[[float], np.ndarray], y: np.ndarray, cal: dict
+    ctx: Context,
+    title: str,
+    to_probs: Callable[[float], np.ndarray],
+    y: np.ndarray,
+    cal: dict,
+    model_probs: Callable[[float], np.ndarray] | None = None,
 ) -> None:
     if (path := ctx.plot("reliability")) is None:
         return
@@ -382,6 +398,8 @@ def _reliability_plot(
             t = cal[key]["temperature"]
             if isinstance(t, dict):  # cross-fitted per fold
                 series["cross-fitted T"] = (cal["_probs"], y)
+            elif key == "model_temperature" and model_probs is not None:
+                series[f"model T = {t:.2f} + offsets"] = (model_probs(t), y)
             else:
                 series[f"{label} = {t:.2f}"] = (to_probs(t), y)
     plots.reliability_diagram(series, path, title, defaults()["ece_bins"])
@@ -510,6 +528,7 @@ def _classification(ctx: Context) -> dict[str, Any]:
     y = np.array([classes.index(t[0]) for t in targets if t])
     groups = np.array([r.group or r.id for r in recs]) if any(r.group for r in recs) else None
     t_model = ctx.temperature(pack.id) or 1.0
+    bias = ctx.bias(pack)
     fold_key = spec.get("folds")
     folds = np.array([int(r.meta[fold_key]) for r in recs]) if fold_key else None
     trained = spec["dataset"] in model_info(ctx.encoder)["trained_on"]
@@ -526,7 +545,7 @@ def _classification(ctx: Context) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for modality in modalities:
         s = _modality_scores(ctx, pack, manifest, recs, order, modality, cache)
-        probs = zeroshot.single_label_probs(s.cand_logits, t_model)
+        probs = zeroshot.single_label_probs(s.cand_logits + bias[order], t_model)
         res = _single_label_metrics(ctx, y, probs, classes, groups)
         if folds is not None:
             res["folds"] = _per_fold(ctx, y, probs, folds, recs, trained, groups)
@@ -538,7 +557,7 @@ def _classification(ctx: Context) -> dict[str, Any]:
         for gname, g in (spec.get("binary_groups") or {}).items():
             res[gname] = _binary_group(ctx, y, probs, classes, g, groups)
         if (finding := spec.get("operating_point")) in classes:
-            full_p = zeroshot.single_label_probs(s.full_logits, t_model)
+            full_p = zeroshot.single_label_probs(s.full_logits + bias, t_model)
             k = pack.finding_ids.index(finding)
             res["operating_point"] = _operating_point(
                 ctx,
@@ -550,10 +569,19 @@ def _classification(ctx: Context) -> dict[str, Any]:
                 f"softmax over all {len(pack.finding_ids)} {pack.id} findings, as in analyze()",
             )
         res["calibration"] = _classification_calibration(
-            ctx, spec, manifest, pack, order, s, y, folds
+            ctx, spec, manifest, pack, order, s, y, folds, bias[order]
         )
         if modality == modalities[0]:
-            _classification_plots(ctx, y, probs, classes, res, spec, _softmax_at(s.cand_logits))
+            _classification_plots(
+                ctx,
+                y,
+                probs,
+                classes,
+                res,
+                spec,
+                _softmax_at(s.cand_logits),
+                _softmax_at(s.cand_logits + bias[order]),
+            )
         for gname in spec.get("binary_groups") or {}:
             res[gname].pop("_curve")
         res["calibration"].pop("_probs", None)
@@ -676,10 +704,12 @@ def _classification_calibration(
     s: _Scores,
     y: np.ndarray,
     folds: np.ndarray | None,
+    bias: np.ndarray,
 ) -> dict[str, Any]:
     where = spec.get("calibration_split")
     fitted, fitted_on = None, None
     to_probs = _softmax_at(s.cand_logits)
+    model_probs = _softmax_at(s.cand_logits + bias) if np.any(bias) else None
     if where == "cross_fit" and folds is not None:
         temps = {
             int(f): C.fit_temperature(s.cand_logits[folds != f], y[folds != f])
@@ -694,7 +724,7 @@ def _classification_calibration(
             return out
 
         bins = defaults()["ece_bins"]
-        block = _calibration_block(ctx, pack.id, to_probs, y, None, None)
+        block = _calibration_block(ctx, pack.id, to_probs, y, None, None, model_probs)
         block["fitted_temperature"] = {
             "temperature": {str(f): _r(t) for f, t in temps.items()},
             "fitted_on": "the other four folds (cross-fitted)",
@@ -712,7 +742,7 @@ def _classification_calibration(
         vlog = _finding_logits(ctx, pack, ctx.embed(manifest, vrecs, f"{ctx.name} ({where})"))
         fitted = C.fit_temperature(vlog[:, order], vy)
         fitted_on = f"{manifest.name} {where} split (n={len(vy)})"
-    return _calibration_block(ctx, pack.id, to_probs, y, fitted, fitted_on)
+    return _calibration_block(ctx, pack.id, to_probs, y, fitted, fitted_on, model_probs)
 
 
 def _classification_plots(
@@ -723,6 +753,7 @@ def _classification_plots(
     res: dict,
     spec: dict,
     to_probs: Callable[[float], np.ndarray],
+    model_probs: Callable[[float], np.ndarray],
 ) -> None:
     if ctx.plot_dir is None:
         return
@@ -738,7 +769,7 @@ def _classification_plots(
         points[f"{op['finding']} @ {op['threshold']}"] = (op["sensitivity"], op["specificity"])
     if curves:
         plots.roc_curves(curves, ctx.plot("roc"), f"ROC, {short}", points)
-    _reliability_plot(ctx, f"reliability, {short}", to_probs, y, res["calibration"])
+    _reliability_plot(ctx, f"reliability, {short}", to_probs, y, res["calibration"], model_probs)
 
 
 # -- kind: binary (one finding of a multi-label domain vs its reference) --------------------

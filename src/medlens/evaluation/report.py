@@ -103,7 +103,8 @@ def _calibration_rows(cal: dict[str, Any] | None, prefix: str = "") -> list[Row]
     rows: list[Row] = [(f"{prefix}ECE (T = 1)", cal["uncalibrated"]["ece"], None)]
     if cal.get("model_temperature"):
         m = cal["model_temperature"]
-        rows.append((f"{prefix}ECE (model T = {m['temperature']})", m["ece"], None))
+        how = " + stored offsets" if m.get("bias") else ""
+        rows.append((f"{prefix}ECE (model T = {m['temperature']}{how})", m["ece"], None))
     if cal.get("fitted_temperature"):
         f = cal["fitted_temperature"]
         t = f["temperature"]
