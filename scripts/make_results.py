@@ -231,8 +231,101 @@ def benchmarks_section() -> str:
     return "\n".join(parts).rstrip() or "_No benchmark results yet: run `benchmarks/run_all.sh`._"
 
 
+# The figures a model change is judged by (issue 4), as (protocol, label, path into the
+# result JSON); the baseline is the result JSON of the model before, in results/baseline/.
+CHANGE_ROWS = (
+    ("derm7-dermamnist", "accuracy (bar: AutoML Vision 0.768)", ("accuracy",)),
+    ("derm7-dermamnist", "macro AUROC", ("macro_auroc",)),
+    ("derm7-isic2018", "balanced accuracy", ("balanced_accuracy",)),
+    (
+        "derm7-isic2018",
+        "melanoma sensitivity at the stored threshold",
+        ("operating_point", "sensitivity"),
+    ),
+    (
+        "derm7-isic2018",
+        "melanoma specificity at the stored threshold",
+        ("operating_point", "specificity"),
+    ),
+    ("derm7-isic2018", "stored melanoma threshold", ("operating_point", "threshold")),
+    (
+        "pad-ufes-20",
+        "image-only balanced accuracy, held-out fold 4",
+        ("modalities", "image", "folds", "balanced_accuracy_held_out"),
+    ),
+    ("dermnet", "top-1 accuracy", ("accuracy",)),
+    ("pneumonia", "AUROC", ("auroc",)),
+    ("covid-notes", "image→notes Recall@10", ("image_to_text_recall_at_10",)),
+)
+CALIBRATION_PATHS = {  # where each protocol keeps its calibration block
+    "pad-ufes-20": ("modalities", "image", "calibration"),
+    "covid-notes": ("classification", "calibration"),
+}
+
+
+def _get(r: dict[str, Any] | None, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(r, dict):
+            return None
+        r = r.get(key)
+    return r
+
+
+def _model_id(results: dict[str, dict[str, Any]]) -> str:
+    models = {
+        (r["model"]["name"], r["model"]["fingerprint"]) for r in results.values() if "model" in r
+    }
+    return ", ".join(f"`{n}` `{f}`" for n, f in sorted(models)) or "–"
+
+
+def change_section(results: dict[str, dict[str, Any]]) -> str:
+    """Before (results/baseline/) and after (this run) for the headline figures and the
+    ECE of every protocol before and after calibration."""
+    base: dict[str, dict[str, Any]] = {}
+    for name in protocols():
+        f = DOCS / "results" / "baseline" / f"{name}.json"
+        if f.is_file():
+            base[name] = json.loads(f.read_text())
+    if not base:
+        return "_No baseline in docs/results/baseline/._"
+    lines = [
+        f"Before: {_model_id(base)}. After: {_model_id(results)}.",
+        "",
+        "| protocol | metric | before | after |",
+        "|---|---|---|---|",
+    ]
+    for name, label, path in CHANGE_ROWS:
+        b, a = _get(base.get(name), path), _get(results.get(name), path)
+        lines.append(f"| {name} | {label} | {fmt(b)} | {fmt(a)} |")
+    lines += [
+        "",
+        "ECE (15 bins) on each protocol's evaluated split: uncalibrated (T = 1), with the "
+        "model's stored calibration (temperature, plus per-finding offsets where the model "
+        "stores them), and at a temperature fitted on that dataset's own validation data.",
+        "",
+        "| protocol | before: T = 1 / stored | after: T = 1 / stored / val-fitted T |",
+        "|---|---|---|",
+    ]
+    for name in protocols():
+        path = CALIBRATION_PATHS.get(name, ("calibration",))
+        cb, ca = _get(base.get(name), path), _get(results.get(name), path)
+        if not ca:
+            continue
+
+        def ece(c: Any, key: str) -> str:
+            return fmt(_get(c, (key, "ece")))
+
+        lines.append(
+            f"| {name} | {ece(cb, 'uncalibrated')} / {ece(cb, 'model_temperature')} | "
+            f"{ece(ca, 'uncalibrated')} / **{ece(ca, 'model_temperature')}** / "
+            f"{ece(ca, 'fitted_temperature')} |"
+        )
+    return "\n".join(lines)
+
+
 SECTIONS = {
     "summary": summary_section,
+    "change": change_section,
     "anchors": anchors_section,
     "details": details_section,
 }  # "benchmarks" reads its own JSON
@@ -241,6 +334,9 @@ TEMPLATE = """# MedLens results
 
 <!-- BEGIN GENERATED: summary -->
 <!-- END GENERATED: summary -->
+
+<!-- BEGIN GENERATED: change -->
+<!-- END GENERATED: change -->
 
 <!-- BEGIN GENERATED: anchors -->
 <!-- END GENERATED: anchors -->
