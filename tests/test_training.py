@@ -50,6 +50,7 @@ def test_tuned_recipe_trains_tail_and_heads_only(tuned_run: tuple[Path, dict]) -
     out, metrics = tuned_run
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert len(history) == 3 and metrics["best_epoch"] >= 1
+    assert metrics["minutes_preparing"] >= 0 and metrics["minutes_training"] > 0
     first, last = history[0]["loss"], history[-1]["loss"]
     assert last["derm"] < first["derm"] and last["domain"] < first["domain"], history
     assert {"dermamnist", "pad_ufes_20"} <= set(history[-1]["val"])  # first 48: one CXR class
