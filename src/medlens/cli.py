@@ -221,8 +221,10 @@ def train_align_cmd(
         False, help="lite: train only the heads on cached frozen features (fastest)."
     ),
     image_size: int | None = typer.Option(None, min=32, help="lite input size (default 224)."),
-    colour_constancy: bool = typer.Option(
-        True, help="lite: shades-of-gray colour constancy before the image tower."
+    colour_constancy: bool | None = typer.Option(
+        None,
+        help="lite: shades-of-gray colour constancy before the image tower "
+        "(default: on; off with --heads-only, the earlier recipe).",
     ),
     views: int | None = typer.Option(
         None, min=0, help="lite: cached augmented views per training image (default 2)."
@@ -274,7 +276,7 @@ def train_align_cmd(
         limit=limit,
         tune_from=None if heads_only else (base.tune_from if tune_from is None else tune_from),
         image_size=image_size or base.image_size,
-        colour_constancy=colour_constancy,
+        colour_constancy=base.colour_constancy if colour_constancy is None else colour_constancy,
         augment=base.augment if augment is None else augment,
         views=base.views if views is None else views,
     )

@@ -242,7 +242,6 @@ class LiteEncoder(nn.Module):
         self.text_head = ProjectionHead(TEXT_DIM, out_dim, hidden)
         self.logit_scale_param = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.to(device)
-        self.eval()
         self.preprocess_version = preprocess_version(
             backbone, self.image_size, self.colour_constancy
         )
@@ -268,7 +267,7 @@ class LiteEncoder(nn.Module):
             self.image_tail = copy.deepcopy(nn.Sequential(blocks[self.tune_from :], *tower[1:]))
             self.image_tail.requires_grad_(True)
             self.image_tail.to(device)
-        self.eval()
+        self.eval()  # heads and tail: dropout off, BatchNorm on its running statistics
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -344,11 +343,10 @@ class LiteEncoder(nn.Module):
 
     @property
     def features_key(self) -> str:
-        """Keys cached ``image_features``: the pretrained towers and preprocessing, plus
-        the tail's weights when the tail is fine-tuned (its output depends on them)."""
-        if self.image_tail is None:
-            return self.backbone_fingerprint
-        return state_fingerprint(self.image_tail, extra=self.backbone_fingerprint)
+        """Keys cached ``image_features``: the pretrained towers and preprocessing, or,
+        when the tail is fine-tuned (features then depend on its weights), the model's
+        fingerprint, which covers tail, towers and preprocessing and is itself cached."""
+        return self.backbone_fingerprint if self.image_tail is None else self.fingerprint
 
     @property
     def logit_scale(self) -> float:
