@@ -9,12 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from medlens.cli import app
+from medlens.errors import ConfigError
 from medlens.models.lite import LiteEncoder, _image_tower
-from medlens.training.align import AlignConfig, train_align
+from medlens.training.align import AlignConfig, _autocast, resolve_precision, train_align
+from medlens.training.lora import colour_stretch, low_resolution
 
 TUNE_FROM = 14
 
@@ -51,6 +54,7 @@ def test_tuned_recipe_trains_tail_and_heads_only(tuned_run: tuple[Path, dict]) -
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert len(history) == 3 and metrics["best_epoch"] >= 1
     assert metrics["minutes_preparing"] >= 0 and metrics["minutes_training"] > 0
+    assert metrics["precision"] == resolve_precision("auto")  # recorded as actually run
     first, last = history[0]["loss"], history[-1]["loss"]
     assert last["derm"] < first["derm"] and last["domain"] < first["domain"], history
     assert {"dermamnist", "pad_ufes_20"} <= set(history[-1]["val"])  # first 48: one CXR class
@@ -121,3 +125,45 @@ def test_cli_lora_path_on_a_tiny_hf_clip(tmp_path: Path, data_dir: Path) -> None
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert recipe["pairs"]["data"] == ["dermamnist", "pad_ufes_20"]
     assert enc.fingerprint  # the fixture model itself was not touched by the CLI run
+
+
+def test_precision_choice_and_bf16_prefix_stays_close_to_fp32(data_dir: Path) -> None:
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    assert resolve_precision("auto") in ("bf16", "fp32")
+    with pytest.raises(ConfigError, match="precision"):
+        resolve_precision("fp8")
+    # The tuned recipe caches bf16 prefix maps but serves fp32: the two must agree.
+    from medlens.datasets import load_dataset
+
+    m = load_dataset("pad_ufes_20")
+    images = [m.image(r) for r in m.records if r.path is not None][:8]
+    enc = LiteEncoder.untrained(seed=0, image_size=224, tune_from=7, colour_constancy=True)
+    enc.eval()
+    x = enc.preprocess(images)
+    ref = enc.prefix_forward(x).float()
+    with _autocast("bf16", "cpu"):
+        low = enc.prefix_forward(x).float()
+    rel = (low - ref).norm() / ref.norm()
+    assert 0 < rel < 0.25, rel  # the maps differ (~12 % on this CPU) ...
+    with torch.no_grad():
+        cos = F.cosine_similarity(enc.image_tail(ref), enc.image_tail(low))
+    assert cos.min() > 0.98, cos  # ... the pooled features the heads see barely do
+
+
+def test_colour_stretch_and_low_resolution_augmentations(data_dir: Path) -> None:
+    from medlens.datasets import load_dataset
+
+    m = load_dataset("pad_ufes_20")
+    img = next(m.image(r) for r in m.records if r.path is not None)
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+    torch.manual_seed(0)
+    s = colour_stretch(x, gain=(2.0, 2.0))
+    assert s.dtype == torch.uint8 and s.shape == x.shape
+    assert (s.float().std((1, 2)) > 1.5 * x.float().std((1, 2))).all()
+    assert (s == 255).float().mean() > (x == 255).float().mean()  # pushed into clipping
+    lo = low_resolution(x, sides=(24, 24))
+    assert lo.shape == x.shape and lo.dtype == torch.uint8
+    detail = lambda t: t.float().diff(dim=-1).abs().mean()  # noqa: E731
+    assert detail(lo) < 0.7 * detail(x)  # fine detail is gone
+    tiny = x[:, :20, :20]
+    assert torch.equal(low_resolution(tiny, sides=(24, 72)), tiny)  # already that small

@@ -196,7 +196,7 @@ def train_align_cmd(
     ),
     data: str = typer.Option(",".join(_DEFAULT_ALIGN_DATA), help="Comma-separated dataset names."),
     epochs: int | None = typer.Option(
-        None, min=1, help="Default: the recipe's (lite 5; heads-only 20)."
+        None, min=1, help="Default: the recipe's (lite 10; heads-only 20)."
     ),
     lr: float | None = typer.Option(None, help="Default 1e-3 (LoRA runs: try 1e-4)."),
     batch_size: int | None = typer.Option(
@@ -228,6 +228,18 @@ def train_align_cmd(
     ),
     views: int | None = typer.Option(
         None, min=0, help="lite: cached augmented views per training image (default 2)."
+    ),
+    precision: str = typer.Option(
+        "auto",
+        help="lite tuned recipe: auto | bf16 | fp32 for the cached prefix and the training "
+        "steps (auto = bf16 where the CPU/GPU runs it natively; inference stays fp32).",
+    ),
+    ema: float | None = typer.Option(
+        None,
+        min=0.0,
+        max=0.9999,
+        help="lite tuned recipe: decay of the weight moving average that is validated and "
+        "saved (default 0.99; 0 = off).",
     ),
     lora_r: int = typer.Option(32, "--lora-r"),
     lora_alpha: int = typer.Option(64, "--lora-alpha"),
@@ -279,6 +291,8 @@ def train_align_cmd(
         colour_constancy=base.colour_constancy if colour_constancy is None else colour_constancy,
         augment=base.augment if augment is None else augment,
         views=base.views if views is None else views,
+        precision=precision,
+        ema=base.ema if ema is None else (ema or None),
     )
     with progress_bar() as progress:
         metrics = train_align(cfg, out, get_settings().cache_dir / "features", progress)

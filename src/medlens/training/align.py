@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from medlens.datasets import load_dataset
 from medlens.datasets.manifest import Manifest, Record
+from medlens.errors import ConfigError
 from medlens.knowledge import DOMAINS, KnowledgePack, load_domain
 from medlens.training.features import cached_features
 
@@ -67,11 +68,17 @@ class AlignConfig:
     tail_lr_scale: float = 0.3  # the pretrained tail moves slower than the fresh heads
     cap: int = 1500  # per (dataset, class) and epoch: majority undersampling
     floor: int = 60  # per (dataset, class) and epoch: minority oversampling
+    # Tuned recipe: bf16 autocast for the cached prefix and the tail's training steps
+    # ("auto" = where the hardware runs bf16 natively); validation and inference use fp32.
+    precision: str = "auto"
+    # Exponential moving average of the trained weights (per step), validated and saved
+    # instead of the raw weights; None = off. Smooths the last epochs' noise.
+    ema: float | None = None
 
 
 # The shipped default (`medlens train align` with no options; docs/models/lite.md).
 DEFAULT_RECIPE = AlignConfig(
-    epochs=5,
+    epochs=10,
     lr=1e-3,
     batch_size=128,
     patience=5,
@@ -82,7 +89,33 @@ DEFAULT_RECIPE = AlignConfig(
     views=2,
     cap=600,
     floor=30,
+    ema=0.99,
 )
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(precision: str, device: str = "cpu") -> str:
+    """``auto`` → ``bf16`` where bf16 matrix maths is native (CUDA with bf16, x86 CPUs
+    with AVX512-BF16 or AMX), else ``fp32``: emulated bf16 would be slower than fp32.
+    On this project's 2-core CPU bf16 makes a prefix pass ~2.5x and a tail training step
+    ~3x faster, which is what lets the default recipe train 10 epochs in its budget."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    native = any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return "bf16" if native else "fp32"
+
+
+def _autocast(precision: str, device: str) -> Any:
+    return torch.autocast(
+        device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16"
+    )
 
 
 @dataclass
@@ -334,6 +367,7 @@ def _prefix_maps(
     progress: Any,
     view: int,
     seed: int,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Frozen-prefix outputs (N, C, H, W) as float16 for one view of every record: view 0
     is the inference transform, others a seeded per-domain augmentation. Cached on disk
@@ -342,6 +376,8 @@ def _prefix_maps(
 
     augment = make_augment(seed_size=enc.image_size) if view else None
     desc = f"view{view}-{AUGMENT_VERSION}-seed{seed}" if view else "view0"
+    if precision != "fp32":
+        desc += f"-{precision}"
     key = f"prefix-{enc.backbone_fingerprint}-from{enc.tune_from}-{desc}"
     task = progress.add_task(
         f"frozen prefix ({label}, view {view})", total=sum(len(r) for _, r in splits)
@@ -355,7 +391,9 @@ def _prefix_maps(
                 hwc = x.permute(0, 2, 3, 1).numpy()
                 x = torch.from_numpy(np.stack([augment(im, domain) for im in hwc]))
                 x = x.permute(0, 3, 1, 2)
-            return enc.prefix_forward(enc.normalise(x)).float().cpu().numpy()
+            with _autocast(precision, enc.device_name):
+                h = enc.prefix_forward(enc.normalise(x))
+            return h.float().cpu().numpy()
 
         torch.manual_seed(seed * 1000 + view * 100 + i)  # only drawn from on a cache miss
         out.append(
@@ -409,6 +447,7 @@ def train_align(
     rng = np.random.default_rng(cfg.seed)
     enc = _new_encoder(cfg)
     tuned = cfg.tune_from is not None
+    precision = resolve_precision(cfg.precision, enc.device_name) if tuned else "fp32"
     started = time.time()
     ctx = nullcontext(progress) if progress is not None else Progress(disable=True)
     with ctx as progress:
@@ -419,10 +458,12 @@ def train_align(
             n_views = cfg.views if cfg.augment else 0
             maps = (
                 [
-                    _prefix_maps(enc, train_splits, "train", cache_dir, progress, v, cfg.seed)
+                    _prefix_maps(
+                        enc, train_splits, "train", cache_dir, progress, v, cfg.seed, precision
+                    )
                     for v in range(n_views + 1)
                 ],
-                _prefix_maps(enc, val_splits, "val", cache_dir, progress, 0, cfg.seed),
+                _prefix_maps(enc, val_splits, "val", cache_dir, progress, 0, cfg.seed, precision),
             )
             train_feats = val_feats = None
         else:
@@ -434,7 +475,7 @@ def train_align(
         bank = PromptBank(enc)
         text_feats = enc.text_features(train.texts) if train.texts else None
         prepared = time.time()
-        history, best = _fit(enc, cfg, train, val, maps, bank, text_feats, rng, progress)
+        history, best = _fit(enc, cfg, train, val, maps, bank, text_feats, rng, progress, precision)
     enc.load_heads(best[1])
     minutes = (time.time() - started) / 60
     metrics = {
@@ -446,6 +487,7 @@ def train_align(
         "val_mean": best[0],
         "val": history[best[2] - 1]["val"],
         "minutes": round(minutes, 2),
+        "precision": precision,
         "n_train": len(train.classes),
         "n_val": len(val.classes),
     }
@@ -474,6 +516,7 @@ def _fit(
     text_feats: torch.Tensor | None,
     rng: np.random.Generator,
     progress: Any,
+    precision: str = "fp32",
 ) -> tuple[list[dict[str, Any]], tuple[float, Any, int]]:
     """The epoch loop with early stopping on the mean validation score; returns the
     history and (best score, best state, best epoch)."""
@@ -496,6 +539,7 @@ def _fit(
     )
     history: list[dict[str, Any]] = []
     best: tuple[float, Any, int] = (-1.0, None, 0)
+    ema = _Ema(enc, cfg.ema) if cfg.ema else None
     task = progress.add_task("training", total=cfg.epochs * steps_per_epoch)
     for epoch in range(cfg.epochs):
         enc.train()
@@ -505,15 +549,19 @@ def _fit(
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             img = None
             if tuned:
-                img = _train_embeddings(enc, maps[0], idx, rng)
+                with _autocast(precision, enc.device_name):
+                    img = _train_embeddings(enc, maps[0], idx, rng)
             loss, parts = batch_loss(enc, bank, train, idx, text_feats, cfg, img=img)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(enc)
             sums.update(parts)
             progress.advance(task)
         enc.eval()
+        raw = ema.swap_in(enc) if ema is not None else None
         if tuned:
             val.feats = _map_features(enc, maps[1])
         val_scores = evaluate_heads(enc, bank, val)
@@ -529,12 +577,41 @@ def _fit(
         )
         if score > best[0]:
             best = (score, enc.heads_state(), epoch + 1)
+        if raw is not None:
+            enc.load_heads(raw)  # training goes on from the raw weights
         losses = " ".join(f"{k} {v / steps_per_epoch:.3f}" for k, v in sums.items())
         vals = " ".join(f"{k} {v:.3f}" for k, v in val_scores.items())
         progress.console.print(f"epoch {epoch + 1}: {losses} | val {score:.3f} ({vals})")
         if epoch + 1 - best[2] >= cfg.patience:
             break
     return history, best
+
+
+class _Ema:
+    """Exponential moving average of every floating tensor in the encoder's state (the
+    trainable tail and heads, and BatchNorm statistics); integer buffers are copied."""
+
+    def __init__(self, enc: Any, decay: float):
+        self.decay = decay
+        self.steps = 0
+        self.state = enc.heads_state()
+
+    @torch.no_grad()
+    def update(self, enc: Any) -> None:
+        # Warm-up: early on the average must not cling to the untrained start.
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for k, v in enc.state_dict().items():
+            if v.is_floating_point():
+                self.state[k].lerp_(v.detach(), 1.0 - decay)
+            else:
+                self.state[k].copy_(v)
+
+    def swap_in(self, enc: Any) -> dict[str, torch.Tensor]:
+        """Load the averaged weights; returns the raw ones to restore afterwards."""
+        raw = enc.heads_state()
+        enc.load_heads(self.state)
+        return raw
 
 
 def _train_embeddings(
@@ -547,4 +624,4 @@ def _train_embeddings(
     feats = enc.image_tail(
         torch.from_numpy(h).float().contiguous(memory_format=torch.channels_last)
     )
-    return F.normalize(enc.image_head(feats), dim=-1)
+    return F.normalize(enc.image_head(feats).float(), dim=-1)

@@ -354,13 +354,40 @@ def balance_indices(
     return np.array(out, dtype=int), counts
 
 
-AUGMENT_VERSION = "aug1"  # bump when make_augment's transforms change (keys cached views)
+AUGMENT_VERSION = "aug2"  # bump when make_augment's transforms change (keys cached views)
+
+
+def colour_stretch(x: torch.Tensor, gain: tuple[float, float] = (1.3, 2.4)) -> torch.Tensor:
+    """Contrast stretch per channel about the image's own channel mean, then clip, on
+    uint8 (C, H, W). Why: images reach MedLens after unknown export pipelines; the ISIC
+    2018 test copy in the sample data, for one, was stretched until ~17 % of its pixels
+    clip at 255 (shared/data README). Training on such views keeps lesion colour cues
+    usable when contrast and saturation are pushed to clipping."""
+    g = torch.empty(x.shape[0], 1, 1).uniform_(*gain)
+    f = x.float()
+    mean = f.mean(dim=(1, 2), keepdim=True)
+    return ((f - mean) * g + mean).round().clamp(0, 255).to(torch.uint8)
+
+
+def low_resolution(x: torch.Tensor, sides: tuple[int, int] = (24, 72)) -> torch.Tensor:
+    """Down- then up-sample uint8 (C, H, W) to a random shorter side in ``sides``. Why:
+    the dermoscopy in the sample data is HAM10000 at 28 px, the photos are sharp; without
+    this, sharpness alone tells the model which dataset (and so which priors) it sees."""
+    from torchvision.transforms.v2 import functional as TF
+
+    side = int(torch.randint(sides[0], sides[1] + 1, ()).item())
+    h, w = x.shape[-2:]
+    if min(h, w) <= side:
+        return x
+    small = TF.resize(x, [side], antialias=True)
+    return TF.resize(small, [h, w], antialias=True)
 
 
 def make_augment(seed_size: int = 448) -> Callable[[np.ndarray, str | None], np.ndarray]:
     """torchvision v2 augmentation on uint8 arrays, per domain: dermatology photos may be
-    flipped, rotated freely and colour-jittered; chest X-rays only get mild crops,
-    rotations and brightness/contrast (a flipped chest puts the heart on the wrong side).
+    flipped, rotated freely, colour-jittered, contrast-stretched to clipping and blurred
+    to low resolution; chest X-rays only get mild crops, rotations and
+    brightness/contrast (a flipped chest puts the heart on the wrong side).
     Output side = the input's shorter side (capped at ``seed_size``)."""
     from torchvision.transforms import v2
 
@@ -380,6 +407,8 @@ def make_augment(seed_size: int = 448) -> Callable[[np.ndarray, str | None], np.
                 v2.RandomHorizontalFlip(),
                 v2.RandomVerticalFlip(),
                 v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+                v2.RandomApply([v2.Lambda(colour_stretch)], p=0.3),
+                v2.RandomApply([v2.Lambda(low_resolution)], p=0.25),
             ]
         )
 
