@@ -47,6 +47,31 @@ def test_chest_xray_png_and_dicom_go_to_the_chest_pack(lens, data_dir):
     assert {f["id"] for f in png["findings"]} <= ids
 
 
+def test_dermatology_scores_are_invariant_to_mirroring(lens, data_dir):
+    """Skin findings are scored on the mean embedding over the image and its horizontal,
+    vertical and double flips (the domain's ``test_time_flips``): that set is closed
+    under flipping, so a mirrored photo must get the same differential. Chest X-rays are
+    scored as they are (a flipped chest is different anatomy)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(data_dir / SKIN).convert("RGB"))
+    assert pixels.shape[0] == pixels.shape[1]  # square: no off-by-one centre crop
+
+    def png(a: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    runs = [lens.analyze(png(a), domain="dermatology") for a in (pixels, pixels[:, ::-1])]
+    a, b = ({f["id"]: f["probability"] for f in r.findings} for r in runs)
+    assert a == pytest.approx(b, abs=2e-4)  # reports round to 4 decimals
+    assert "encode_flips" in runs[0].timings_ms
+    assert "encode_flips" not in lens.analyze(data_dir / CXR).timings_ms
+
+
 def test_domain_can_be_forced(lens, data_dir):
     r = lens.analyze(data_dir / CXR, domain="dermatology")
     assert r.domain == "dermatology" and r.domain_source == "given"

@@ -155,7 +155,7 @@ def test_colour_stretch_and_low_resolution_augmentations(data_dir: Path) -> None
 
     m = load_dataset("pad_ufes_20")
     img = next(m.image(r) for r in m.records if r.path is not None)
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # a writable copy
     torch.manual_seed(0)
     s = colour_stretch(x, gain=(2.0, 2.0))
     assert s.dtype == torch.uint8 and s.shape == x.shape

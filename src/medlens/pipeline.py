@@ -172,7 +172,8 @@ class MedLens:
         else:
             chosen, source = DOMAINS[int(np.argmax(scores))], "image"
         pack = load_domain(chosen)
-        probs, sym = self._score(pack, emb, symptoms)
+        score_emb = self._scoring_embedding(pack, decoded.pixels, emb, timings)
+        probs, sym = self._score(pack, score_emb, symptoms)
         tri = triage(pack, probs, self.calibration().get("thresholds", {}).get(pack.id))
         timings["score"] = (time.perf_counter() - t2) * 1000
         ranked = sorted(probs, key=probs.get, reverse=True)
@@ -213,6 +214,21 @@ class MedLens:
             timings_ms={k: round(v, 1) for k, v in timings.items()},
             embedding=emb,
         )
+
+    def _scoring_embedding(
+        self, pack: KnowledgePack, pixels: np.ndarray, emb: np.ndarray, timings: dict
+    ) -> np.ndarray:
+        """The embedding findings are scored on: the image's own, or for domains with
+        ``test_time_flips`` the re-normalised mean over the image and its flips (as
+        ``medlens calibrate`` and ``medlens eval`` score them). Domain detection and
+        retrieval keep the plain embedding the indexes were built from."""
+        flips = pack.domain.test_time_flips
+        if not flips:
+            return emb
+        t = time.perf_counter()
+        views = self.encoder.embed_images([zeroshot.flipped(pixels, f) for f in flips])
+        timings["encode_flips"] = (time.perf_counter() - t) * 1000
+        return zeroshot.ensemble(np.vstack([emb[None], views]))
 
     def _context(
         self, emb: np.ndarray, domain: str, finding_ids: list[str]

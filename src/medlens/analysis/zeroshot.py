@@ -22,6 +22,18 @@ _memory: dict[str, np.ndarray] = {}
 _lock = threading.Lock()
 
 
+FLIPS = {
+    "horizontal": lambda a: a[:, ::-1],
+    "vertical": lambda a: a[::-1],
+    "both": lambda a: a[::-1, ::-1],
+}
+
+
+def flipped(image: np.ndarray, flip: str) -> np.ndarray:
+    """An (H, W, C) image mirrored as ``flip`` names (a domain's ``test_time_flips``)."""
+    return np.ascontiguousarray(FLIPS[flip](image))
+
+
 def ensemble(embeddings: np.ndarray) -> np.ndarray:
     """Mean of unit vectors, re-normalised: one direction for a set of phrasings."""
     return l2_normalize(np.asarray(embeddings, dtype=np.float32).mean(axis=0))

@@ -97,23 +97,49 @@ def _embeddings_dir() -> Path:
 
 
 def embed_records(
-    encoder: Any, manifest: Manifest, records: list[Record], advance: Advance | None = None
+    encoder: Any,
+    manifest: Manifest,
+    records: list[Record],
+    advance: Advance | None = None,
+    flips: Sequence[str] = (),
 ) -> np.ndarray:
-    """Image embeddings of ``records``, cached on disk.
+    """Image embeddings of ``records``, cached on disk; with ``flips`` (a domain's
+    ``test_time_flips``), the re-normalised mean over each image and its flips, exactly
+    as ``MedLens.analyze`` scores them (each flip is its own cache entry).
 
     Encoders with frozen backbones and trained heads (lite) cache the backbone features
     per *backbone* fingerprint in ``cache/features``, the same cache training uses, and
     apply the heads on top: retraining the heads never re-runs the backbone. Other
     encoders cache their embeddings per fingerprint in ``cache/embeddings``.
     """
+    views = [_embed_view(encoder, manifest, records, advance, f) for f in (None, *flips)]
+    if len(views) == 1:
+        return views[0]
+    mean = np.mean(views, axis=0)
+    return (mean / np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
+
+
+def _embed_view(
+    encoder: Any,
+    manifest: Manifest,
+    records: list[Record],
+    advance: Advance | None,
+    flip: str | None,
+) -> np.ndarray:
+    """Embeddings of ``records`` (mirrored as ``flip`` names, if any), cached on disk."""
+
+    def view(ims: list[np.ndarray]) -> list[np.ndarray]:
+        return ims if flip is None else [zeroshot.flipped(im, flip) for im in ims]
+
+    suffix = "" if flip is None else f"-flip-{flip}"
     if hasattr(encoder, "embed_from_features") and hasattr(encoder, "features_key"):
         import torch
 
         feats = cached_features(
             manifest,
             records,
-            lambda ims: encoder.image_features(ims, batch_size=32).numpy(),
-            encoder.features_key,
+            lambda ims: encoder.image_features(view(ims), batch_size=32).numpy(),
+            encoder.features_key + suffix,
             get_settings().cache_dir / "features",
             batch_size=64,
             on_batch=advance,
@@ -126,8 +152,8 @@ def embed_records(
     return cached_features(
         manifest,
         records,
-        lambda ims: encoder.embed_images(ims, batch_size=32),
-        f"emb-{encoder.fingerprint}",
+        lambda ims: encoder.embed_images(view(ims), batch_size=32),
+        f"emb-{encoder.fingerprint}{suffix}",
         _embeddings_dir(),
         batch_size=64,
         on_batch=advance,
@@ -192,17 +218,22 @@ class Context:
     def advance(self, label: str, total: int) -> Advance | None:
         return self.advance_factory(label, total) if self.advance_factory else None
 
-    def embed(self, manifest: Manifest, recs: list[Record], label: str) -> np.ndarray:
+    def embed(
+        self, manifest: Manifest, recs: list[Record], label: str, for_scoring: bool = True
+    ) -> np.ndarray:
         """Embeddings of ``recs`` in order, cached split by split: a full split is the same
-        cache entry whichever protocol (or training run) asked for it first."""
-        adv = self.advance(f"{label}: {manifest.name}", len(recs))
+        cache entry whichever protocol (or training run) asked for it first. For scoring
+        findings they include the domain's test-time flips, as ``analyze`` does; domain
+        detection (``for_scoring=False``) uses the plain embedding, as ``analyze`` does."""
+        flips = load_domain(manifest.domain).domain.test_time_flips if for_scoring else ()
+        adv = self.advance(f"{label}: {manifest.name}", len(recs) * (1 + len(flips)))
         by_split: dict[str | None, list[int]] = {}
         for i, r in enumerate(recs):
             by_split.setdefault(r.split, []).append(i)
         if len(by_split) <= 1:
-            return embed_records(self.encoder, manifest, recs, adv)
+            return embed_records(self.encoder, manifest, recs, adv, flips)
         parts = {
-            s: embed_records(self.encoder, manifest, [recs[i] for i in idx], adv)
+            s: embed_records(self.encoder, manifest, [recs[i] for i in idx], adv, flips)
             for s, idx in by_split.items()
         }
         dim = next(iter(parts.values())).shape[1]
@@ -960,14 +991,14 @@ def _domain(ctx: Context) -> dict[str, Any]:
         versions[name] = manifest.version
         if manifest.arrays is not None:
             recs = select_records(manifest, spec["split"], ctx.limit)
-            emb = ctx.embed(manifest, recs, ctx.name)
+            emb = ctx.embed(manifest, recs, ctx.name, for_scoring=False)
         else:  # every image, split by split (``limit`` per split) so caches are shared
             splits = list(dict.fromkeys(r.split for r in manifest.records))
             splits = [None] if None in splits else splits  # None selects every record
             each = max(1, ctx.limit // len(splits)) if ctx.limit else None
             parts = [select_records(manifest, s, each) for s in splits]
             recs = [r for rs in parts for r in rs]
-            emb = ctx.embed(manifest, recs, ctx.name)
+            emb = ctx.embed(manifest, recs, ctx.name, for_scoring=False)
         p = domain_mod.domain_scores(emb, ctx.encoder, get_settings().cache_dir / "prompts")
         truth = DOMAINS.index(manifest.domain)
         per[name] = {

@@ -78,6 +78,10 @@ class Domain(BaseModel):
     domain_prompts: tuple[str, ...] = Field(min_length=3)
     # Multi-label only: phrasings of "nothing abnormal" used as the reference for each finding.
     reference_prompts: tuple[str, ...] = ()
+    # Flipped copies of the image whose embeddings are averaged with the original's for
+    # scoring (test-time augmentation). Only for domains without a canonical orientation:
+    # a flipped chest radiograph is a different anatomy.
+    test_time_flips: tuple[Literal["horizontal", "vertical", "both"], ...] = ()
     findings: tuple[Finding, ...]
     # dataset label vocabulary -> labels that carry no diagnosis (e.g. "todo", "Unknown")
     unlabelled: dict[str, tuple[str, ...]] = {}

@@ -116,8 +116,10 @@ def collect(
             continue
         recs = [recs[i] for i in keep]
         found = [found[i] for i in keep]
-        adv = advance_factory(f"{name} ({SPLIT})", len(recs)) if advance_factory else None
-        emb = embed_records(encoder, manifest, recs, adv)
+        flips = pack.domain.test_time_flips  # scored as analyze() scores them
+        total = len(recs) * (1 + len(flips))
+        adv = advance_factory(f"{name} ({SPLIT})", total) if advance_factory else None
+        emb = embed_records(encoder, manifest, recs, adv, flips)
         cls = zeroshot.finding_embeddings(encoder, pack, prompt_cache)
         d = domains.setdefault(pack.id, DomainData(pack))
         d.logits.append(zeroshot.similarity_logits(emb, cls, scale))
