@@ -35,7 +35,8 @@ def flipped(image: np.ndarray, flip: str) -> np.ndarray:
 
 
 def ensemble(embeddings: np.ndarray) -> np.ndarray:
-    """Mean of unit vectors, re-normalised: one direction for a set of phrasings."""
+    """Mean of unit vectors over the first axis, re-normalised: one direction for a set
+    of phrasings, or per image for a stack of its views (V, N, D) → (N, D)."""
     return l2_normalize(np.asarray(embeddings, dtype=np.float32).mean(axis=0))
 
 

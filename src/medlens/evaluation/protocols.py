@@ -113,10 +113,7 @@ def embed_records(
     encoders cache their embeddings per fingerprint in ``cache/embeddings``.
     """
     views = [_embed_view(encoder, manifest, records, advance, f) for f in (None, *flips)]
-    if len(views) == 1:
-        return views[0]
-    mean = np.mean(views, axis=0)
-    return (mean / np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
+    return views[0] if len(views) == 1 else zeroshot.ensemble(np.stack(views))
 
 
 def _embed_view(
