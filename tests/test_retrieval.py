@@ -1,4 +1,5 @@
-"""Case library, embedding cache, vector stores and knowledge RAG on the real sample data.
+"""Case library, vector stores and knowledge RAG on the real sample data (the embedding
+cache has its own tests: test_embeddings.py).
 
 The encoder is the real lite model (pretrained MobileNetV2 + MiniLM towers) with
 deterministic untrained heads saved to a heads file and loaded back through
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -31,7 +31,6 @@ from medlens.retrieval import (
     knowledge_passages,
     similar_cases,
 )
-from medlens.retrieval.cache import EmbeddingCache
 from medlens.retrieval.library import ingest, read_library, search, subset
 from medlens.retrieval.store import (
     Condition,
@@ -138,75 +137,6 @@ def test_embedded_and_server_backends_agree(tmp_path: Path) -> None:
     assert all(pts[i].payload["labels"] == ["mel"] for i in results[0][1])
     assert all(pts[i].payload["age"] >= 40 for i in results[0][2])
     assert all(pts[i].payload["age"] == 33.0 for i in results[0][4])
-
-
-# ----------------------------------------------------------------------------- cache
-
-
-def test_cache_roundtrip_keys_and_prune(tmp_path: Path) -> None:
-    cache = EmbeddingCache(tmp_path / "c.sqlite3")
-    v = {f"k{i}": np.full(8, i, np.float32) for i in range(5)}
-    cache.put_many(v, "fpA", "p1", "image", model_name="a")
-    got = cache.get_many([*v, "missing"], "fpA", "p1", "image")
-    assert set(got) == set(v) and all(np.array_equal(got[k], v[k]) for k in v)
-    # Another model, preprocessing or kind never sees these vectors.
-    assert cache.get_many(list(v), "fpB", "p1", "image") == {}
-    assert cache.get_many(list(v), "fpA", "p2", "image") == {}
-    assert cache.get_many(list(v), "fpA", "p1", "text") == {}
-    cache.put_many({"k0": np.ones(8, np.float32)}, "fpB", "p1", "image")
-    assert cache.info()["entries"] == 6
-    assert cache.prune(keep_models=["fpA"]) == 1
-    assert cache.info()["entries"] == 5
-    assert cache.prune(everything=True) == 5
-
-
-_WRITER = textwrap.dedent(
-    """
-    import sys, numpy as np
-    from medlens.retrieval.cache import EmbeddingCache
-    c = EmbeddingCache(sys.argv[1]); tag = sys.argv[2]; n = int(sys.argv[3])
-    print("ready", flush=True)
-    for i in range(n):
-        c.put_many({f"{tag}-{i}-{j}": np.full(64, i, np.float32) for j in range(50)},
-                   "fp", "p", "image")
-    print("done", flush=True)
-    """
-)
-
-
-def test_cache_concurrent_writers_and_killed_writer(tmp_path: Path) -> None:
-    """Two processes writing at once lose nothing; a writer killed mid-stream leaves
-    only whole transactions (every stored vector intact, the database consistent)."""
-    db = tmp_path / "shared.sqlite3"
-    EmbeddingCache(db)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(db), tag, "20"], stdout=subprocess.PIPE, text=True
-        )
-        for tag in ("a", "b")
-    ]
-    for p in procs:
-        assert p.wait(timeout=120) == 0
-    cache = EmbeddingCache(db)
-    assert cache.info()["entries"] == 2 * 20 * 50
-    victim = subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(db), "c", "100000"], stdout=subprocess.PIPE, text=True
-    )
-    assert victim.stdout is not None and victim.stdout.readline().strip() == "ready"
-    import time
-
-    deadline = time.time() + 60
-    while cache.info()["entries"] < 2000 + 500 and time.time() < deadline:
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    con = sqlite3.connect(db)
-    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    n_c = con.execute("SELECT COUNT(*) FROM embeddings WHERE key LIKE 'c-%'").fetchone()[0]
-    assert n_c > 0 and n_c % 50 == 0  # whole batches only
-    rows = con.execute("SELECT key, vec FROM embeddings WHERE key LIKE 'c-%'").fetchall()
-    for key, blob in rows:
-        assert np.all(np.frombuffer(blob, "<f4") == float(key.split("-")[1]))
 
 
 # ----------------------------------------------------------------------------- library
@@ -434,10 +364,11 @@ def test_cli_index_search_cache(encoder, heads_file, data_dir) -> None:
     import typer
     from typer.testing import CliRunner
 
-    from medlens.retrieval.commands import register
+    from medlens.cli import cache, retrieval
 
     app = typer.Typer()
-    register(app)
+    retrieval.register(app)
+    cache.register(app)
     run = CliRunner().invoke
     model = f"lite:{heads_file}"
     r = run(app, ["index", "cxr_samples", "--model", model, "--name", "t_cli", "--json"])
@@ -474,7 +405,8 @@ def test_cli_index_search_cache(encoder, heads_file, data_dir) -> None:
     r = run(app, ["index", "no_such_thing"])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
     r = run(app, ["cache", "info", "--json"])
-    assert r.exit_code == 0 and json.loads(r.stdout)["entries"] > 0
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["entries"] > 0
     r = run(app, ["index", "--check", "--name", "t_cli", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["libraries"][0]["stale"] is False

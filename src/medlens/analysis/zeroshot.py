@@ -9,76 +9,28 @@ scaled similarity difference.
 
 from __future__ import annotations
 
-import hashlib
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from medlens.knowledge import KnowledgePack
-from medlens.models.base import Encoder, l2_normalize
-
-_memory: dict[str, np.ndarray] = {}
-_lock = threading.Lock()
-
-
-FLIPS = {
-    "horizontal": lambda a: a[:, ::-1],
-    "vertical": lambda a: a[::-1],
-    "both": lambda a: a[::-1, ::-1],
-}
-
-
-def flipped(image: np.ndarray, flip: str) -> np.ndarray:
-    """An (H, W, C) image mirrored as ``flip`` names (a domain's ``test_time_flips``)."""
-    return np.ascontiguousarray(FLIPS[flip](image))
-
-
-def ensemble(embeddings: np.ndarray) -> np.ndarray:
-    """Mean of unit vectors over the first axis, re-normalised: one direction for a set
-    of phrasings, or per image for a stack of its views (V, N, D) → (N, D)."""
-    return l2_normalize(np.asarray(embeddings, dtype=np.float32).mean(axis=0))
-
-
-def _cache_key(encoder: Encoder, texts: list[list[str]]) -> str:
-    h = hashlib.sha256(encoder.fingerprint.encode())
-    for group in texts:
-        h.update(b"\x1e".join(t.encode() for t in group))
-        h.update(b"\x1d")
-    return h.hexdigest()[:24]
+from medlens.models.base import Encoder
 
 
 def embed_prompt_sets(
     encoder: Encoder, prompt_sets: list[list[str]], cache_dir: Path | None = None
 ) -> np.ndarray:
-    """One ensembled embedding per prompt set, cached per encoder fingerprint and text.
+    """One ensembled embedding per prompt set, (n_sets, dim).
 
-    Prompt embeddings are recomputed only when the encoder's weights or the prompts
-    change: the key hashes both.
+    Memoised in this process per (encoder fingerprint, prompts); each prompt's vector is
+    cached by its text's hash in the embedding cache under ``cache_dir`` (``None``: this
+    process only), so prompts are embedded again only when the encoder or the prompt
+    changes (see ``medlens.embeddings``).
     """
-    key = _cache_key(encoder, prompt_sets)
-    with _lock:
-        if key in _memory:
-            return _memory[key]
-    path = cache_dir / f"prompts_{key}.npy" if cache_dir else None
-    if path is not None and path.is_file():
-        out = np.load(path)
-    else:
-        flat = [t for group in prompt_sets for t in group]
-        emb = encoder.embed_texts(flat)
-        out, i = [], 0
-        for group in prompt_sets:
-            out.append(ensemble(emb[i : i + len(group)]))
-            i += len(group)
-        out = np.stack(out).astype(np.float32)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{threading.get_ident()}.tmp.npy")
-            np.save(tmp, out)
-            tmp.replace(path)  # atomic: concurrent writers never leave half a file
-    with _lock:
-        _memory[key] = out
-    return out
+    from medlens import embeddings
+
+    store = embeddings.open_store(cache_dir) if cache_dir is not None else None
+    return embeddings.embed_prompt_sets(encoder, prompt_sets, store)
 
 
 def finding_embeddings(

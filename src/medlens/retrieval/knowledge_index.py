@@ -112,19 +112,16 @@ def ensure_index(encoder: Any, domain: str, store: VectorStore | None = None) ->
 
 def _embed_cached(encoder: Any, texts: list[str]) -> np.ndarray:
     """Text embeddings through the embedding cache: after a pack edit only the changed
-    passages go through the model."""
-    from medlens.retrieval.cache import EmbeddingCache, prep_version, text_key
+    passages go through the model (in one call)."""
+    from medlens import embeddings
 
-    cache, fp, prep = EmbeddingCache(), encoder.fingerprint, prep_version(encoder)
-    keys = [text_key(t) for t in texts]
-    got = cache.get_many(keys, fp, prep, "text")
-    miss = list(dict.fromkeys(k for k in keys if k not in got))
-    if miss:
-        by_key = dict(zip(keys, texts, strict=True))
-        new = dict(zip(miss, encoder.embed_texts([by_key[k] for k in miss]), strict=True))
-        cache.put_many(new, fp, prep, "text", model_name=encoder.name)
-        got.update(new)
-    return np.stack([got[k] for k in keys]) if keys else np.zeros((0, encoder.dim), np.float32)
+    return embeddings.embed_texts(
+        encoder,
+        texts,
+        store=embeddings.open_store(),
+        batch_size=max(1, len(texts)),
+        unique=True,
+    )
 
 
 _name_emb: dict[tuple[str, str], np.ndarray] = {}

@@ -5,8 +5,9 @@ Design decisions (each one a requirement of issue #5):
   retrained model gets a fresh collection rather than silently comparing across spaces.
 - Point ids are uuid5(content hash | dataset | record id): re-indexing is idempotent and an
   interrupted ingest resumes by skipping the ids already stored.
-- Embeddings come from the on-disk cache first (looked up by the file's sha256, before
-  any decoding); only misses are decoded (DataLoader workers) and run through the model.
+- Embeddings come from the embedding cache first (``medlens.embeddings``, looked up by
+  the file's sha256 before any decoding); only misses are decoded (DataLoader workers)
+  and run through the model.
 - Named vectors ``image`` and ``text`` (reports, clinical notes, symptom sentences); a
   text-only record (a report without its image) has only ``text``.
 - The payload holds labels, mapped finding ids, the record's text, a thumbnail path and a
@@ -34,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from medlens.datasets.manifest import sha256_file
+from medlens import embeddings
+from medlens.embeddings import FillStats, Store, text_key
 from medlens.errors import ConfigError, MedLensError
-from medlens.retrieval.cache import EmbeddingCache, prep_version, text_key
 from medlens.retrieval.store import Condition, PointData, VectorStore, open_store
 
 DEFAULT_LIBRARY = "default"
@@ -138,15 +139,9 @@ def _update_library(name: str, fn: Callable[[dict[str, Any]], None]) -> dict[str
 
 def record_hash(manifest: Any, record: Any) -> str:
     """sha256 of what the model sees: the image file's bytes (the same value as
-    ``DecodedImage.content_hash``), an array row's bytes, or a text-only record's text."""
-    if record.path is not None:
-        return sha256_file(Path(record.path))
-    if manifest.arrays is not None and record.array_index is not None:
-        arr = np.ascontiguousarray(manifest.arrays[record.split][record.array_index])
-        return hashlib.sha256(str(arr.shape).encode() + arr.tobytes()).hexdigest()
-    if record.text:
-        return hashlib.sha256(b"text:" + record.text.encode("utf-8")).hexdigest()
-    raise MedLensError(f"record {record.id} has no image and no text")
+    ``DecodedImage.content_hash``), an array row's bytes, or a text-only record's text
+    (``embeddings.record_key``: the embedding cache's key for the record)."""
+    return embeddings.record_key(manifest, record)
 
 
 def point_id(content_hash: str, dataset: str, record_id: str) -> str:
@@ -171,15 +166,8 @@ def _findings(manifest: Any, record: Any) -> list[str]:
 
     pack = load_domain(manifest.domain)
     vocab = manifest.vocab_of(record) if hasattr(manifest, "vocab_of") else manifest.vocab
-    out = []
-    for lab in record.labels:
-        try:
-            fid = pack.map_label(vocab, lab)
-        except ConfigError:
-            continue  # a label the pack does not know stays in "labels", unmapped
-        if fid and fid not in out:
-            out.append(fid)
-    return out
+    # A label the pack does not know stays in "labels", unmapped.
+    return pack.findings_for(vocab, record.labels, unknown="skip")
 
 
 def build_payload(manifest: Any, record: Any, content_hash: str, has_image: bool) -> dict:
@@ -325,7 +313,7 @@ def ingest(
     *,
     source: dict[str, Any] | None = None,
     store: VectorStore | None = None,
-    cache: EmbeddingCache | None = None,
+    cache: Store | None = None,
     batch_size: int = 32,
     workers: int = 2,
     refresh: bool = False,
@@ -340,8 +328,8 @@ def ingest(
     t0 = time.perf_counter()
     check_library(library)
     store = store or open_store()
-    cache = cache or EmbeddingCache()
-    fp, prep = encoder.fingerprint, prep_version(encoder)
+    cache = cache or embeddings.open_store()
+    fp, space = encoder.fingerprint, embeddings.image_space(encoder)
     coll = collection_name(library, manifest.domain, fp)
     rep = IngestReport(library, coll, manifest.name, manifest.domain, encoder.name, fp)
     store.create(coll, {"image": encoder.dim, "text": encoder.dim})
@@ -369,7 +357,7 @@ def ingest(
 
     _register(library, coll, manifest, encoder, source, status="building")
     has_image = {id(r): (r.path is not None or r.array_index is not None) for r, _, _ in todo}
-    cached = cache.get_many([h for r, h, _ in todo if has_image[id(r)]], fp, prep, "image")
+    cached = cache.get_many([h for r, h, _ in todo if has_image[id(r)]], space)
     # Cache hits with a thumbnail need no decoding at all.
     fast = [
         t
@@ -384,9 +372,7 @@ def ingest(
         img_vecs: dict[str, np.ndarray],
         contexts: dict[str, dict],
     ) -> None:
-        text_vecs = _text_vectors(
-            encoder, cache, [r.text for r, _, _ in batch if r.text], fp, prep, rep
-        )
+        text_vecs = _text_vectors(encoder, cache, [r.text for r, _, _ in batch if r.text], rep)
         points = []
         for r, h, pid in batch:
             vecs: dict[str, np.ndarray] = {}
@@ -425,7 +411,7 @@ def _ingest_slow(manifest, encoder, cache, slow, cached, emit, rep, batch_size, 
     """Decode in DataLoader workers; embed cache misses; thumbnails for the rest."""
     from torch.utils.data import DataLoader
 
-    fp, prep = encoder.fingerprint, prep_version(encoder)
+    space = embeddings.image_space(encoder)
     ds = _DecodeSet(manifest, [(r, h) for r, h, _ in slow])
     loader = DataLoader(
         ds,
@@ -449,27 +435,33 @@ def _ingest_slow(manifest, encoder, cache, slow, cached, emit, rep, batch_size, 
             elif h not in keys:
                 pixels.append(it["pixels"])
                 keys.append(h)
-        if pixels:
-            emb = encoder.embed_images(pixels, batch_size=16)
-            new = dict(zip(keys, emb, strict=True))
-            cache.put_many(new, fp, prep, "image", model_name=encoder.name)
-            cached.update(new)
-            rep.image_forward += len(pixels)
+        if pixels:  # the cache's fill loop: one forward pass over this batch's misses
+            stats = FillStats()
+            emb = embeddings.fill(
+                pixels,
+                keys,
+                space,
+                lambda ims: encoder.embed_images(ims, batch_size=16),
+                store=cache,
+                batch_size=len(pixels),
+                stats=stats,
+            )
+            cached.update(zip(keys, emb, strict=True))
+            rep.image_forward += stats.computed
+            rep.image_cache_hits += stats.hits  # stored meanwhile by another process
         emit(batch, cached, contexts)
 
 
-def _text_vectors(encoder, cache, texts, fp, prep, rep) -> dict[str, np.ndarray]:
-    keys = {text_key(t): t for t in texts}
-    got = cache.get_many(keys, fp, prep, "text")
-    rep.text_cache_hits += len(got)
-    miss = [k for k in keys if k not in got]
-    if miss:
-        emb = encoder.embed_texts([keys[k] for k in miss])
-        new = dict(zip(miss, emb, strict=True))
-        cache.put_many(new, fp, prep, "text", model_name=encoder.name)
-        got.update(new)
-        rep.text_forward += len(miss)
-    return got
+def _text_vectors(encoder, cache, texts, rep) -> dict[str, np.ndarray]:
+    """Vectors of the distinct ``texts`` by text hash; the misses in one forward call."""
+    distinct = list({text_key(t): t for t in texts}.values())
+    stats = FillStats()
+    emb = embeddings.embed_texts(
+        encoder, distinct, store=cache, batch_size=max(1, len(distinct)), stats=stats
+    )
+    rep.text_cache_hits += stats.hits
+    rep.text_forward += stats.computed
+    return dict(zip((text_key(t) for t in distinct), emb, strict=True))
 
 
 def _register(library, coll, manifest, encoder, source, *, status, points=None) -> None:
