@@ -1,4 +1,4 @@
-# MedLens service image: the API (python -m medlens.api) and the UI (python -m medlens.ui).
+# MedLens service image: the API (medlens serve) and the UI (python -m medlens.ui).
 # CPU-only, offline at run time: every model weight ships inside the installed packages.
 FROM python:3.11-slim
 
@@ -33,4 +33,4 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=5 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
 
 # Listening beyond loopback requires an API key: create one first (docs/service.md).
-CMD ["python", "-m", "medlens.api", "--host", "0.0.0.0", "--port", "8000", "--log-level", "info"]
+CMD ["medlens", "serve", "--host", "0.0.0.0", "--port", "8000", "--log-level", "info"]

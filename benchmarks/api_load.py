@@ -3,7 +3,7 @@
 Usage: python benchmarks/api_load.py [--clients 8] [--requests 200] [--model lite]
                                      [--out benchmarks/results/api_load.json]
 
-1. Cold start: launch ``python -m medlens.api`` with an empty MEDLENS_HOME (no prompt
+1. Cold start: launch ``python -m medlens.cli serve`` with an empty MEDLENS_HOME (no prompt
    cache) and time until ``/readyz`` answers 200; then once more with the cache warm.
 2. Model-bound throughput: bare ``MedLens.analyze`` in this process, one request after
    another, on the same images (the ceiling the service can reach on this machine).

@@ -140,7 +140,7 @@ def test_second_process_view_and_reopen(tmp_path: Path, analysis: dict) -> None:
 
 
 def _cli() -> typer.Typer:
-    from medlens.api.commands import register
+    from medlens.cli.service import register
 
     app = typer.Typer()
     register(app)

@@ -151,7 +151,7 @@ def test_calibrate_command_writes_a_heads_copy(tmp_path: Path) -> None:
     import typer
     from typer.testing import CliRunner
 
-    from medlens.training.commands import register
+    from medlens.cli.train import register
 
     app = typer.Typer()
     app.callback()(lambda: None)

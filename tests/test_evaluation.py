@@ -21,8 +21,8 @@ from medlens.analysis.calibration import (
     sigmoid_nll,
     softmax_nll,
 )
+from medlens.cli.evaluate import register
 from medlens.errors import ConfigError
-from medlens.evaluation.commands import register
 from medlens.evaluation.protocols import protocols, run_protocol, select_records
 
 ROOT = Path(__file__).resolve().parents[1]

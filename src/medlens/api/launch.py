@@ -36,7 +36,8 @@ def port_is_free(host: str, port: int) -> bool:
 
 
 def api_command(host: str, port: int, model: str | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "medlens.api", "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "medlens.cli", "serve", "--host", host, "--port", str(port)]
+    cmd += ["--log-level", "warning"]
     return [*cmd, "--model", model] if model else cmd
 
 

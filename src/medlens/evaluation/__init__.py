@@ -5,6 +5,6 @@
 >>> res = run_protocol("derm7-isic2018", load_encoder("lite"), limit=100)
 >>> res["balanced_accuracy"], res["balanced_accuracy_ci"]
 
-``medlens eval PROTOCOL|all`` (``commands.py``) runs them from the shell and writes
+``medlens eval PROTOCOL|all`` (``medlens/cli/evaluate.py``) runs them from the shell and writes
 ``<protocol>.json``, ``<protocol>.md`` and ``plots/``; ``protocols.yaml`` defines them.
 """

@@ -16,17 +16,29 @@ user's libraries alone; with a warm embedding cache they take seconds.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medlens.retrieval.library import ingest, search
 from medlens.retrieval.store import Condition, VectorStore, open_store
+
+
+def _image_hits(
+    q: np.ndarray, encoder: Any, library: str, domain: str, k: int, filters: list, store: Any
+) -> list[dict[str, Any]]:
+    """The top-``k`` case-library images for query vector ``q`` (a text embedding)."""
+    return search(
+        q,
+        encoder.fingerprint,
+        using="image",
+        library=library,
+        domain=domain,
+        k=k,
+        filters=filters,
+        store=store,
+    )
 
 
 def covid_notes_recall(
@@ -50,26 +62,16 @@ def covid_notes_recall(
     t2i = {k: 0 for k in ks}
     note_emb = encoder.embed_texts(notes)
     for note, q in zip(notes, note_emb, strict=True):
-        hits = search(
-            q,
-            encoder.fingerprint,
-            using="image",
-            library=library,
-            domain=m.domain,
-            k=kmax,
-            filters=conds,
-            store=store,
-        )
+        hits = _image_hits(q, encoder, library, m.domain, kmax, conds, store)
         ranks = [i for i, h in enumerate(hits) if h["text"] == note]
         for k in ks:
             t2i[k] += bool(ranks and ranks[0] < k)
     # image→text: one query per image, against the text vectors of the same split.
-    from medlens.retrieval.cache import EmbeddingCache, prep_version
+    from medlens import embeddings
     from medlens.retrieval.library import record_hash
 
-    cache = EmbeddingCache()
-    keys = [record_hash(m, r) for r in test]
-    img = cache.get_many(keys, encoder.fingerprint, prep_version(encoder), "image")
+    keys = [record_hash(m, r) for r in test]  # the vectors ingest just cached
+    img = embeddings.open_store().get_many(keys, embeddings.image_space(encoder))
     i2t = {k: 0 for k in ks}
     n_img = 0
     for r, key in zip(test, keys, strict=True):
@@ -126,24 +128,14 @@ def isic_text_precision(
     pack = load_domain(m.domain)
     prevalence: dict[str, int] = {}
     for r in m.records:
-        for lab in r.labels:
-            fid = pack.map_label(m.vocab, lab)
-            if fid:
-                prevalence[fid] = prevalence.get(fid, 0) + 1
+        for fid in pack.findings_for(m.vocab, r.labels):
+            prevalence[fid] = prevalence.get(fid, 0) + 1
     per_class = {}
     for fid in sorted(prevalence):
         name = pack.finding(fid).name
         q = encoder.embed_texts([name])[0]
-        hits = search(
-            q,
-            encoder.fingerprint,
-            using="image",
-            library=library,
-            domain=m.domain,
-            k=k,
-            filters=[Condition("dataset", "eq", m.name)],
-            store=store,
-        )
+        filters = [Condition("dataset", "eq", m.name)]
+        hits = _image_hits(q, encoder, library, m.domain, k, filters, store)
         per_class[fid] = {
             "query": name,
             f"precision@{k}": round(sum(fid in h["findings"] for h in hits) / k, 3),
@@ -161,22 +153,9 @@ def isic_text_precision(
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    from medlens.config import get_settings
-    from medlens.models import load_encoder
-
-    ap = argparse.ArgumentParser(description="Retrieval quality through the case library.")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
-    enc = load_encoder(args.model or get_settings().model)
-    res = {"covid_notes": covid_notes_recall(enc), "isic_text_to_image": isic_text_precision(enc)}
-    text = json.dumps(res, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    sys.stdout.write(text + "\n")
-
-
-if __name__ == "__main__":
-    main()
+def evaluate_library(encoder: Any) -> dict[str, Any]:
+    """Both retrieval measurements (``medlens search-quality``)."""
+    return {
+        "covid_notes": covid_notes_recall(encoder),
+        "isic_text_to_image": isic_text_precision(encoder),
+    }

@@ -1,9 +1,5 @@
-"""The ``medlens eval`` command: run named protocols, write metrics JSON, a Markdown
-report and plots per protocol.
-
-``register(app)`` adds it to the ``medlens`` Typer app (cli.py wires it). Errors go
-through ``medlens.cli.friendly`` (one line, exit 2), imported lazily: cli imports us.
-"""
+"""``medlens eval``: run named protocols, write metrics JSON, a Markdown report and plots
+per protocol. The protocols (numpy, scipy, torch) are imported inside the command."""
 
 from __future__ import annotations
 
@@ -15,8 +11,9 @@ from typing import Any
 
 import typer
 
-from medlens.commandline import friendly as _friendly
-from medlens.commandline import progress_bar
+from medlens.cli.common import err, friendly, progress_bar
+from medlens.config import Settings
+from medlens.errors import ConfigError
 
 
 def _command_line(protocol: str, model: str | None, limit: int | None, out: Path) -> str:
@@ -42,7 +39,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
     return js, md
 
 
-def eval_cmd(
+def evaluate(
     protocol: str = typer.Argument(..., help="Protocol name (see protocols.yaml), or 'all'."),
     model: str | None = typer.Option(None, help="Encoder name (default: lite or MEDLENS_MODEL)."),
     limit: int | None = typer.Option(
@@ -52,13 +49,13 @@ def eval_cmd(
         Path("results"), help="Folder for <protocol>.json, <protocol>.md and plots/."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics object(s) as JSON."),
+    *,
+    settings: Settings,
 ) -> None:
     """Evaluate an encoder on fixed, named protocols of the sample datasets (MEDLENS_DATA):
     metrics with bootstrap 95% CIs, calibration, plots and the published anchors."""
     from rich.console import Console
 
-    from medlens.config import get_settings
-    from medlens.errors import ConfigError
     from medlens.evaluation.protocols import protocols, run_protocol
     from medlens.evaluation.report import fmt, fmt_ci, headline_rows
     from medlens.models import load_encoder
@@ -68,11 +65,10 @@ def eval_cmd(
         raise ConfigError(
             f"unknown protocol {protocol!r}; choose one of {', '.join(available)}, all"
         )
-    settings = get_settings()
     settings.require_data()
     names = available if protocol == "all" else [protocol]
     enc = load_encoder(model or settings.model, device=settings.device)
-    console, err = Console(), Console(stderr=True)
+    console = Console()
     results: dict[str, dict[str, Any]] = {}
     with progress_bar() as bar:
 
@@ -82,7 +78,12 @@ def eval_cmd(
 
         for name in names:
             res = run_protocol(
-                name, enc, limit=limit, advance_factory=factory, plot_dir=out / "plots"
+                name,
+                enc,
+                limit=limit,
+                advance_factory=factory,
+                plot_dir=out / "plots",
+                settings=settings,
             )
             res["command"] = _command_line(name, model, limit, out)
             write_outputs(res, out)
@@ -102,4 +103,4 @@ def eval_cmd(
 
 def register(app: typer.Typer) -> None:
     """Add ``eval`` to the ``medlens`` app."""
-    app.command("eval")(_friendly(eval_cmd))
+    app.command("eval")(friendly(evaluate))

@@ -1,11 +1,12 @@
-"""How every ``medlens`` command reports failure: one line on stderr, exit code 2.
+"""What every ``medlens`` command shares: one-line errors with exit code 2, the progress
+bar, the stderr console, logging, and the Settings read once when a command starts.
 
-Kept apart from ``medlens.cli`` so that each subsystem's command module (api, retrieval,
-evaluation, training) can import it without a circular import.
+Cheap to import (typer and rich only): ``medlens --help`` must not load torch & co.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from functools import wraps
@@ -14,15 +15,14 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from medlens.config import get_settings
+from medlens.config import Settings, get_settings
 from medlens.errors import MedLensError
 
 err = Console(stderr=True)
 
 
-def _setup_logging() -> None:
+def setup_logging(settings: Settings) -> None:
     """Log to MEDLENS_HOME/logs/medlens.log. Only hashes and ids are ever logged."""
-    settings = get_settings()
     try:
         settings.logs_dir.mkdir(parents=True, exist_ok=True)
         handler: logging.Handler = logging.FileHandler(settings.logs_dir / "medlens.log")
@@ -36,12 +36,22 @@ def _setup_logging() -> None:
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn MedLensError (and a few OS errors) into one line on stderr and exit code 2."""
+    """Wrap a command: read the Settings from the environment once, set up logging, and
+    turn MedLensError (and a few OS errors) into one line on stderr and exit code 2.
+
+    A command that declares a ``settings`` parameter receives those Settings; the
+    parameter is hidden from Typer (it is not a command-line option).
+    """
+    sig = inspect.signature(fn)
+    wants_settings = "settings" in sig.parameters
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _setup_logging()
         try:
+            settings = get_settings()
+            setup_logging(settings)
+            if wants_settings:
+                kwargs["settings"] = settings
             return fn(*args, **kwargs)
         except MedLensError as exc:
             err.print(
@@ -55,6 +65,9 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             err.print("interrupted")
             raise typer.Exit(130) from None
 
+    if wants_settings:
+        params = [p for name, p in sig.parameters.items() if name != "settings"]
+        wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
     return wrapper
 
 

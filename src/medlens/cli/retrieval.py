@@ -1,8 +1,5 @@
-"""CLI commands of the retrieval part: ``index``, ``search``, ``cache info|prune``.
-
-``register(app)`` adds them to the ``medlens`` Typer app (cli.py wires it). Errors go
-through ``medlens.cli.friendly`` (one line, exit 2), imported lazily: cli imports us.
-"""
+"""``medlens index`` and ``medlens search`` (the case library). The retrieval code
+(numpy, Qdrant, the encoders) is imported inside the commands."""
 
 from __future__ import annotations
 
@@ -13,14 +10,15 @@ from typing import Any
 
 import typer
 
-from medlens.commandline import friendly as _friendly
-from medlens.commandline import progress_bar
+from medlens.cli.common import err, friendly, progress_bar
+from medlens.config import Settings
+from medlens.errors import ConfigError
 
 
-def _consoles():
+def _console() -> Any:
     from rich.console import Console
 
-    return Console(), Console(stderr=True)
+    return Console()
 
 
 def index(
@@ -42,14 +40,13 @@ def index(
         False, "--check", help="Report libraries that are stale against their data or model."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    *,
+    settings: Settings,
 ) -> None:
     """Index images with their labels, text and metadata into a case library."""
-    from medlens.config import get_settings
-    from medlens.errors import ConfigError
     from medlens.retrieval.library import check_libraries, ingest, load_source, subset
 
-    out, err = _consoles()
-    settings = get_settings()
+    out = _console()
     lib = name or settings.library
     if check:
         rows = check_libraries([lib] if name else None)
@@ -113,19 +110,18 @@ def search(
     k: int = typer.Option(10, "-k", "--k", min=1, max=1000, help="How many results."),
     model: str | None = typer.Option(None, help="Encoder (default: lite or MEDLENS_MODEL)."),
     as_json: bool = typer.Option(False, "--json", help='Print {"results": [...]}.'),
+    *,
+    settings: Settings,
 ) -> None:
     """Find similar cases by image or by text, with filters."""
-    from medlens.config import get_settings
-    from medlens.errors import ConfigError
+    if (image is None) == (text is None):
+        raise ConfigError("give exactly one of --image PATH or --text TEXT")
     from medlens.models import load_encoder
     from medlens.retrieval.library import collections_for
     from medlens.retrieval.library import search as lib_search
     from medlens.retrieval.store import parse_filter
 
-    if (image is None) == (text is None):
-        raise ConfigError("give exactly one of --image PATH or --text TEXT")
     conds = [parse_filter(f) for f in filters or []]
-    settings = get_settings()
     lib = library or settings.library
     encoder = load_encoder(model or settings.model, device=settings.device)
     if not collections_for(lib, encoder.fingerprint, domain):
@@ -156,7 +152,6 @@ def search(
 def _print_results(results: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    out, _ = _consoles()
     table = Table(title=f"{len(results)} similar cases")
     for col in ("#", "similarity", "case", "labels", "text", "thumbnail"):
         table.add_column(col)
@@ -170,49 +165,30 @@ def _print_results(results: list[dict[str, Any]]) -> None:
             txt,
             r.get("thumbnail") or "",
         )
-    out.print(table)
+    _console().print(table)
 
 
-def cache_info(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Where the cache is, how big, and which models it holds."""
-    from medlens.retrieval.cache import EmbeddingCache
-
-    info = EmbeddingCache().info()
-    if as_json:
-        sys.stdout.write(json.dumps(info) + "\n")
-        return
-    out, _ = _consoles()
-    out.print(f"{info['path']}: {info['entries']} embeddings, {info['bytes'] / 2**20:.1f} MiB")
-    for g in info["groups"]:
-        out.print(f"  {g['model']} {g['name'] or ''} {g['kind']}: {g['entries']}")
-
-
-def cache_prune(
-    keep_model: list[str] | None = typer.Option(
-        None, "--keep-model", help="Keep only these models' entries (default: MEDLENS_MODEL)."
-    ),
-    older_than: float | None = typer.Option(None, help="Only entries older than N days."),
-    everything: bool = typer.Option(False, "--all", help="Empty the cache."),
+def search_quality(
+    model: str | None = typer.Option(None, help="Encoder (default: lite or MEDLENS_MODEL)."),
+    out: Path | None = typer.Option(None, help="Also write the result as JSON here."),
+    *,
+    settings: Settings,
 ) -> None:
-    """Delete cached embeddings of other models (and/or old ones)."""
-    from medlens.config import get_settings
+    """Retrieval quality through the case library (COVID-19 notes Recall@K, ISIC 2018
+    text-to-image precision); indexes what it needs first."""
     from medlens.models import load_encoder
-    from medlens.retrieval.cache import EmbeddingCache
+    from medlens.retrieval.evaluate import evaluate_library
 
-    keep = None
-    if not everything:
-        s = get_settings()
-        keep = [load_encoder(m, device=s.device).fingerprint for m in (keep_model or [s.model])]
-    n = EmbeddingCache().prune(keep_models=keep, older_than_days=older_than, everything=everything)
-    out, _ = _consoles()
-    out.print(f"deleted {n} cached embeddings")
+    res = evaluate_library(load_encoder(model or settings.model, device=settings.device))
+    text = json.dumps(res, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    sys.stdout.write(text + "\n")
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``index``, ``search`` and ``cache`` to the medlens app."""
-    app.command("index")(_friendly(index))
-    app.command("search")(_friendly(search))
-    cache_app = typer.Typer(help="The on-disk embedding cache.", no_args_is_help=True)
-    cache_app.command("info")(_friendly(cache_info))
-    cache_app.command("prune")(_friendly(cache_prune))
-    app.add_typer(cache_app, name="cache")
+    """Add ``index`` and ``search`` to the ``medlens`` app."""
+    app.command("index")(friendly(index))
+    app.command("search")(friendly(search))
+    app.command("search-quality")(friendly(search_quality))

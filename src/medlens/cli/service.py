@@ -1,8 +1,6 @@
-"""CLI commands for the service: ``serve``, ``ui``, ``keys``, ``audit`` and ``demo``.
-
-``medlens.cli`` calls ``register(app)`` and points ``demo`` at ``demo_command`` (or
-``run_demo``). ``medlens.cli`` imports this module, so it is imported back lazily.
-"""
+"""The service commands: ``serve``, ``ui``, ``demo``, ``keys create|revoke|list`` and
+``audit list|show|export|verify``. FastAPI, uvicorn, Streamlit and the model are
+imported inside the commands (or run in child processes), never at import."""
 
 from __future__ import annotations
 
@@ -11,25 +9,25 @@ import os
 import signal
 import sys
 import time
+from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from medlens.commandline import friendly as _friendly
-from medlens.config import get_settings
+from medlens.cli.common import err, friendly
+from medlens.config import Settings
 from medlens.errors import ConfigError
 
 
-def _console(stderr: bool = False) -> Any:
+def _console() -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    return Console()
 
 
 # -- serve / ui ------------------------------------------------------------------------
-@_friendly
-def serve_command(
+def serve(
     host: str | None = typer.Option(
         None,
         help="Listen address (default MEDLENS_API_HOST or 127.0.0.1). Anything beyond "
@@ -39,30 +37,27 @@ def serve_command(
     model: str | None = typer.Option(None, help="Encoder name (default: lite or MEDLENS_MODEL)."),
     workers: int | None = typer.Option(None, min=1, help="Model worker threads."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    *,
+    settings: Settings,
 ) -> None:
     """Run the HTTP API (OpenAPI docs at /docs)."""
-    from medlens.api.server import serve
+    from medlens.api.server import serve as run_server
 
-    serve(host, port, model=model, workers=workers, log_level=log_level)  # fmt: skip
+    run_server(host, port, model=model, workers=workers, settings=settings, log_level=log_level)
 
 
-@_friendly
-def ui_command(
+def ui(
     api_url: str | None = typer.Option(None, help="API base URL (default MEDLENS_API_URL)."),
     host: str = typer.Option("127.0.0.1", help="UI listen address."),
     port: int | None = typer.Option(None, help="UI port (default MEDLENS_UI_PORT or 8501)."),
+    *,
+    settings: Settings,
 ) -> None:
     """Run the Streamlit clinician UI against a running API."""
     import subprocess
 
-    from medlens.api.launch import ui_command as command
-
-    s = get_settings()
-    env = {"MEDLENS_API_URL": api_url or s.api_url}
-    proc = subprocess.Popen(
-        command(host, port or s.ui_port, s.api_max_upload_bytes // 2**20),
-        env={**os.environ, **env},
-    )
+    cmd, env = _ui_process(api_url, host, port, settings)
+    proc = subprocess.Popen(cmd, env=env)
     try:
         raise typer.Exit(proc.wait())
     except KeyboardInterrupt:
@@ -70,46 +65,66 @@ def ui_command(
         proc.wait(10)
 
 
+def _ui_process(
+    api_url: str | None, host: str, port: int | None, settings: Settings
+) -> tuple[list[str], dict[str, str]]:
+    """The Streamlit command line and environment of ``medlens ui``."""
+    from medlens.api.launch import ui_command
+
+    cmd = ui_command(host, port or settings.ui_port, settings.api_max_upload_bytes // 2**20)
+    return cmd, {**os.environ, "MEDLENS_API_URL": api_url or settings.api_url}
+
+
+def ui_exec_main() -> None:
+    """``python -m medlens.ui``: ``medlens ui`` (same options) for containers, with
+    Streamlit replacing this process so that signals reach it directly."""
+
+    @wraps(ui)
+    def exec_ui(api_url: str | None, host: str, port: int | None, settings: Settings) -> None:
+        cmd, env = _ui_process(api_url, host, port, settings)
+        sys.stdout.flush()
+        os.execve(cmd[0], cmd, env)
+
+    typer.run(friendly(exec_ui))
+
+
 # -- keys --------------------------------------------------------------------------------
-keys_app = typer.Typer(help="API keys (only their hashes are stored).", no_args_is_help=True)
-
-
-@keys_app.command("create")
-@_friendly
-def keys_create(name: str = typer.Argument(..., help="Who or what uses the key.")) -> None:
+def keys_create(
+    name: str = typer.Argument(..., help="Who or what uses the key."),
+    *,
+    settings: Settings,
+) -> None:
     """Create a key and print it once."""
     from medlens.api.keys import KeyStore
 
-    store = KeyStore(get_settings().api_keys_file)
+    store = KeyStore(settings.api_keys_file)
     plain, entry = store.create(name)
-    _console(stderr=True).print(
+    err.print(
         f"created key [bold]{entry.id}[/bold] ({entry.name}); store it now, it is not shown "
         f"again. Send it as 'Authorization: Bearer <key>'. Hashes live in {store.path}"
     )
     sys.stdout.write(plain + "\n")
 
 
-@keys_app.command("revoke")
-@_friendly
 def keys_revoke(
     key_id: str = typer.Argument(..., help="Key id (see `medlens keys list`)."),
+    *,
+    settings: Settings,
 ) -> None:
     """Revoke a key (takes effect at once, no restart)."""
     from medlens.api.keys import KeyStore
 
-    entry = KeyStore(get_settings().api_keys_file).revoke(key_id)
+    entry = KeyStore(settings.api_keys_file).revoke(key_id)
     _console().print(f"revoked {entry.id} ({entry.name}) at {entry.revoked}")
 
 
-@keys_app.command("list")
-@_friendly
-def keys_list(as_json: bool = typer.Option(False, "--json")) -> None:
+def keys_list(as_json: bool = typer.Option(False, "--json"), *, settings: Settings) -> None:
     """List keys (ids, names, dates; never the keys)."""
     from rich.table import Table
 
     from medlens.api.keys import KeyStore
 
-    keys = KeyStore(get_settings().api_keys_file).list()
+    keys = KeyStore(settings.api_keys_file).list()
     if as_json:
         sys.stdout.write(json.dumps([k.public() for k in keys]) + "\n")
         return
@@ -122,25 +137,22 @@ def keys_list(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 # -- audit -------------------------------------------------------------------------------
-audit_app = typer.Typer(help="The audit trail of analyses (append-only).", no_args_is_help=True)
-
-
-def _audit() -> Any:
+def _audit(settings: Settings) -> Any:
     from medlens.audit import AuditLog
 
-    return AuditLog.from_settings()
+    return AuditLog.from_settings(settings)
 
 
-@audit_app.command("list")
-@_friendly
 def audit_list(
     limit: int = typer.Option(20, min=1, help="Newest N records."),
     as_json: bool = typer.Option(False, "--json"),
+    *,
+    settings: Settings,
 ) -> None:
     """List the newest analyses."""
     from rich.table import Table
 
-    records = _audit().list(limit)
+    records = _audit(settings).list(limit)
     if as_json:
         rows = [{k: v for k, v in r.to_dict().items() if k != "output"} for r in records]
         sys.stdout.write(json.dumps(rows) + "\n")
@@ -156,44 +168,44 @@ def audit_list(
     _console().print(table)
 
 
-@audit_app.command("show")
-@_friendly
-def audit_show(record_id: str = typer.Argument(..., help="Request id or sequence number.")) -> None:
+def audit_show(
+    record_id: str = typer.Argument(..., help="Request id or sequence number."),
+    *,
+    settings: Settings,
+) -> None:
     """Print one record (with the full analysis output) as JSON."""
-    record = _audit().get(record_id)
+    record = _audit(settings).get(record_id)
     if record is None:
         raise ConfigError(f"no audit record {record_id!r} (see `medlens audit list`)")
     sys.stdout.write(json.dumps(record.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
 
-@audit_app.command("export")
-@_friendly
 def audit_export(
     out: Path | None = typer.Option(None, help="JSONL file (default: stdout)."),
     include_inputs: bool = typer.Option(
         False, help="Include stored input bytes (base64), when the site stores them."
     ),
+    *,
+    settings: Settings,
 ) -> None:
     """Export every record as JSON lines (hash-chain fields included)."""
-    log = _audit()
+    log = _audit(settings)
     if out is None:
         log.export_jsonl(sys.stdout, include_inputs=include_inputs)
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as fh:
         n = log.export_jsonl(fh, include_inputs=include_inputs)
-    _console(stderr=True).print(f"exported {n} records to {out}")
+    err.print(f"exported {n} records to {out}")
 
 
-@audit_app.command("verify")
-@_friendly
-def audit_verify() -> None:
+def audit_verify(*, settings: Settings) -> None:
     """Check the hash chain: exit 1 if any record was altered or removed."""
-    ok, n, bad = _audit().verify()
+    ok, n, bad = _audit(settings).verify()
     if ok:
         _console().print(f"audit trail intact: {n} records")
         return
-    _console(stderr=True).print(f"[red]audit trail broken at record {bad}[/red] ({n} checked)")
+    err.print(f"[red]audit trail broken at record {bad}[/red] ({n} checked)")
     raise typer.Exit(1)
 
 
@@ -204,12 +216,14 @@ def run_demo(
     ui_port: int | None = None,
     host: str = "127.0.0.1",
     ready_timeout_s: float = 600.0,
+    settings: Settings | None = None,
 ) -> None:
     """Start API + UI on localhost, print the URLs, stop both on Ctrl-C / SIGTERM."""
     from medlens.api import launch
     from medlens.api.cases import build_demo_case_library
+    from medlens.config import get_settings
 
-    s = get_settings()
+    s = settings or get_settings()
     con = _console()
     if s.data is not None:
         build_demo_case_library(s)
@@ -261,19 +275,30 @@ def run_demo(
         signal.signal(signal.SIGTERM, previous)
 
 
-@_friendly
-def demo_command(
+def demo(
     model: str | None = typer.Option(None, help="Encoder name (default: lite)."),
     api_port: int | None = typer.Option(None, help="API port (default 8000, or a free one)."),
     ui_port: int | None = typer.Option(None, help="UI port (default 8501, or a free one)."),
+    *,
+    settings: Settings,
 ) -> None:
     """Start the API and the clinician UI on localhost; Ctrl-C stops both."""
-    run_demo(model=model, api_port=api_port, ui_port=ui_port)
+    run_demo(model=model, api_port=api_port, ui_port=ui_port, settings=settings)
 
 
 def register(app: typer.Typer) -> None:
-    """Add serve, ui, keys and audit to the ``medlens`` app (demo is wired by the caller)."""
-    app.command("serve")(serve_command)
-    app.command("ui")(ui_command)
+    """Add serve, ui, demo and the keys and audit groups to the ``medlens`` app."""
+    app.command("serve")(friendly(serve))
+    app.command("ui")(friendly(ui))
+    app.command("demo")(friendly(demo))
+    keys_app = typer.Typer(help="API keys (only their hashes are stored).", no_args_is_help=True)
+    keys_app.command("create")(friendly(keys_create))
+    keys_app.command("revoke")(friendly(keys_revoke))
+    keys_app.command("list")(friendly(keys_list))
     app.add_typer(keys_app, name="keys")
+    audit_app = typer.Typer(help="The audit trail of analyses (append-only).", no_args_is_help=True)
+    audit_app.command("list")(friendly(audit_list))
+    audit_app.command("show")(friendly(audit_show))
+    audit_app.command("export")(friendly(audit_export))
+    audit_app.command("verify")(friendly(audit_verify))
     app.add_typer(audit_app, name="audit")

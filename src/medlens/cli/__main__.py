@@ -1,0 +1,5 @@
+"""``python -m medlens.cli ...``: the ``medlens`` command."""
+
+from medlens.cli import app
+
+app()

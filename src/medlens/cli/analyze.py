@@ -1,0 +1,192 @@
+"""``medlens analyze`` (one image or a folder) and ``medlens samples``.
+
+The pipeline (torch, the encoders) is imported inside the commands, never at import.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from medlens.cli.common import err, friendly, progress_bar
+from medlens.config import Settings
+from medlens.errors import ConfigError, MedLensError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
+
+DEMO_FILES = [
+    ("isic2018-task3-test/images/ISIC_0034524.jpg", "isic2018"),
+    ("isic2018-task3-test/images/ISIC_0034529.jpg", "isic2018"),
+    ("isic2018-task3-test/images/ISIC_0034545.jpg", "isic2018"),
+    ("cxr-samples/00000001_000.png", "NIH: Cardiomegaly"),
+    ("cxr-samples/00027426_000.png", "NIH: No Finding"),
+    ("cxr-samples/tb0005.png", "TBX11K: tuberculosis"),
+    ("cxr-samples/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm", "DICOM"),
+]
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+def print_analysis(result: dict[str, Any], top_k: int) -> None:
+    from rich.table import Table
+
+    console = _console()
+    tri = result["triage"]
+    colour = {"urgent": "red", "soon": "yellow", "routine": "green"}[tri["level"]]
+    console.print(
+        f"[bold]Domain:[/bold] {result['domain']} ({result['domain_detection']['source']})   "
+        f"[bold]Model:[/bold] {result['model']['name']} ({result['model']['fingerprint']})"
+    )
+    table = Table(title="Differential", show_lines=False)
+    table.add_column("#", justify="right")
+    table.add_column("Finding")
+    table.add_column("Probability", justify="right")
+    table.add_column("ICD-10-CM")
+    table.add_column("Risk")
+    for i, f in enumerate(result["findings"][:top_k], 1):
+        table.add_row(
+            str(i), f["name"], f"{f['probability']:.1%}", ", ".join(f["icd10"]), f["risk"]
+        )
+    console.print(table)
+    console.print(
+        f"[bold {colour}]Triage: {tri['level'].upper()}[/bold {colour}] — {tri['reason']}"
+    )
+    if tri["next_step"]:
+        console.print(f"Next step: {tri['next_step']}")
+    for d in result["descriptions"][:2]:
+        s = d["sections"]
+        console.print(f"\n[bold]{d['name']}[/bold] [dim]({d['source']})[/dim]")
+        console.print(f"  Presentation: {s['presentation']}")
+        console.print(f"  Image features: {s['image_features']}")
+        console.print(f"  Differentials: {s['differentials']}")
+    console.print(f"\n[dim]{result['disclaimer']}[/dim]")
+
+
+def analyze(
+    path: Path = typer.Argument(..., help="Image/DICOM file, or a folder of them."),
+    domain: str = typer.Option("auto", help="dermatology | chest_xray | auto"),
+    symptoms: str | None = typer.Option(None, help="Free-text symptom description."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="How many findings to show."),
+    model: str | None = typer.Option(None, help="Encoder name (default: lite or MEDLENS_MODEL)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the analysis as one JSON object."),
+    out: Path | None = typer.Option(None, help="Folder mode: output file (.jsonl or .csv)."),
+    *,
+    settings: Settings,
+) -> None:
+    """Analyze one image (ranked differential, triage, descriptions) or a whole folder."""
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist")
+    from medlens.pipeline import MedLens
+
+    lens = MedLens(model=model, settings=settings)
+    if path.is_dir():
+        _analyze_folder(lens, path, domain=domain, symptoms=symptoms, top_k=top_k, out=out)
+        return
+    result = lens.analyze(path, domain=domain, symptoms=symptoms, top_k=top_k).to_dict()
+    if as_json:
+        sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+    else:
+        print_analysis(result, top_k)
+
+
+def _analyze_folder(
+    lens: Any, folder: Path, *, domain: str, symptoms: str | None, top_k: int, out: Path | None
+) -> None:
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise ConfigError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+    out = out or Path(f"medlens-{folder.name}.jsonl")
+    rows: list[dict[str, Any]] = []
+    failures = 0
+    with progress_bar() as progress:
+        task = progress.add_task("analyzing", total=len(files))
+        for f in files:
+            try:
+                r = lens.analyze(f, domain=domain, symptoms=symptoms, top_k=top_k).to_dict()
+                rows.append({"file": str(f.relative_to(folder)), **r})
+            except MedLensError as exc:
+                failures += 1
+                rows.append(
+                    {"file": str(f.relative_to(folder)), "error": f"{type(exc).__name__}: {exc}"}
+                )
+            progress.advance(task)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".csv":
+        with open(out, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file", "domain", "top_finding", "probability", "triage", "error"])
+            for r in rows:
+                top = r.get("findings", [{}])[0] if "findings" in r else {}
+                w.writerow(
+                    [
+                        r["file"],
+                        r.get("domain", ""),
+                        top.get("id", ""),
+                        top.get("probability", ""),
+                        r.get("triage", {}).get("level", ""),
+                        r.get("error", ""),
+                    ]
+                )
+    else:
+        with open(out, "w") as fh:
+            for r in rows:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    err.print(f"wrote {len(rows)} results ({failures} failed) to {out}")
+
+
+def samples(
+    model: str | None = typer.Option(None, help="Encoder name (default: lite)."),
+    *,
+    settings: Settings,
+) -> None:
+    """Analyze a handful of sample images from MEDLENS_DATA and print a table."""
+    from rich.table import Table
+
+    from medlens.pipeline import MedLens
+
+    data = settings.require_data()
+    truth = _isic_truth(data)
+    lens = MedLens(model=model, settings=settings)
+    table = Table(title=f"MedLens demo — model {lens.model_name}")
+    for col in ("image", "truth", "domain", "top findings", "triage"):
+        table.add_column(col)
+    with progress_bar() as progress:
+        task = progress.add_task("analyzing samples", total=len(DEMO_FILES))
+        for rel, label in DEMO_FILES:
+            path = data / rel
+            if not path.is_file():
+                progress.advance(task)
+                continue
+            r = lens.analyze(path).to_dict()
+            top = ", ".join(f"{f['name']} {f['probability']:.0%}" for f in r["findings"][:3])
+            t = truth.get(path.stem, label)
+            table.add_row(path.name[-28:], t, r["domain"], top, r["triage"]["level"])
+            progress.advance(task)
+    console = _console()
+    console.print(table)
+    console.print("[dim]Research software for decision support only; not a diagnosis.[/dim]")
+
+
+def _isic_truth(data: Path) -> dict[str, str]:
+    labels = data / "isic2018-task3-test" / "labels.csv"
+    if not labels.is_file():
+        return {}
+    with open(labels) as fh:
+        return {r["image_id"]: f"ISIC: {r['dx']}" for r in csv.DictReader(fh)}
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``analyze`` and ``samples`` to the ``medlens`` app."""
+    app.command("analyze")(friendly(analyze))
+    app.command("samples")(friendly(samples))
