@@ -35,7 +35,7 @@ from medlens.api.server import is_loopback, needs_key
 from medlens.audit import AuditLog
 from medlens.config import Settings
 from medlens.errors import ConfigError
-from medlens.knowledge import DOMAINS, load_domain
+from medlens.knowledge import domains, load_domain
 from medlens.pipeline import MedLens
 
 ISIC = "isic2018-task3-test/images/ISIC_0034524.jpg"
@@ -134,7 +134,7 @@ def test_health_ready_info(client: TestClient, lens: MedLens) -> None:
     assert ready["status"] == "ready"
     assert ready["model"] == {"name": lens.model_name, "fingerprint": lens.encoder.fingerprint}
     info = client.get("/v1/info").json()
-    assert info["domains"] == list(DOMAINS) and info["auth_required"] is False
+    assert info["domains"] == list(domains()) and info["auth_required"] is False
     assert info["capabilities"] == {
         "analyze": True, "search": False, "explain": False, "report": False
     }  # fmt: skip
@@ -184,7 +184,7 @@ def test_dicom_identifiers_never_leave(client: TestClient, lens: MedLens, data_d
 
 def test_findings_endpoints(client: TestClient) -> None:
     rows = client.get("/v1/findings").json()["findings"]
-    assert len(rows) == sum(len(load_domain(d).findings) for d in DOMAINS)
+    assert len(rows) == sum(len(load_domain(d).findings) for d in domains())
     cxr = client.get("/v1/findings", params={"domain": "chest_xray"}).json()["findings"]
     assert {f["id"] for f in cxr} == set(load_domain("chest_xray").finding_ids)
     mel = client.get("/v1/findings/melanoma").json()
@@ -279,7 +279,7 @@ def test_401_403_api_keys(api_settings: Settings, lens: MedLens, data_dir: Path)
 
 
 def test_keys_cli_and_exposure_rule(api_settings: Settings, monkeypatch) -> None:
-    from medlens.api.commands import register
+    from medlens.cli.service import register
 
     keyfile = api_settings.home / "cli_keys.json"
     monkeypatch.setenv("MEDLENS_API_KEYS_FILE", str(keyfile))
@@ -399,6 +399,40 @@ def test_search_and_cases_with_a_library(
         assert rec.case_library_version == cases.version
 
 
+def test_analyze_and_search_use_the_library_of_the_app_settings(
+    api_settings: Settings, lens: MedLens, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``create_app(Settings(library=...))`` answers /v1/search *and* the similar cases of
+    /v1/analyze from that library, whatever MEDLENS_LIBRARY says."""
+    from medlens import retrieval
+    from medlens.analysis.result import Analysis
+    from medlens.datasets import load_dataset
+    from medlens.retrieval.library import ingest, subset
+
+    isic = subset(load_dataset("isic2018"), 8)
+    assert ingest(isic, lens.encoder, "t_app", workers=0).indexed == len(isic.records)
+    monkeypatch.setenv("MEDLENS_LIBRARY", "t_env")  # the environment names another library
+    fp = lens.encoder.fingerprint
+    assert not retrieval.has_library(fp) and retrieval.has_library(fp, library="t_app")
+    app_settings = replace(api_settings, library="t_app")
+    with _client(app_settings) as c:  # the app builds its own MedLens from its settings
+        assert c.app.state.service.lens.settings is app_settings
+        query = data_dir / ISIC
+        analysis = _post_image(c, query, domain="dermatology")
+        assert analysis.status_code == 200, analysis.text
+        got = analysis.json()
+        form = {"domain": (None, "dermatology"), "k": (None, "5")}
+        found = c.post("/v1/search", files={"image": (query.name, query.read_bytes()), **form})
+        assert found.status_code == 200, found.text
+    emb = lens.encoder.embed_images([lens.decode(query).pixels])[0]
+    want = retrieval.similar_cases(emb, "dermatology", fp, k=5, library="t_app")
+    assert got["context_note"] is None and len(want) == 5
+    assert got["similar_cases"] == want  # the JSON carries the library's rows unchanged
+    assert Analysis.model_validate(got).to_dict() == got  # and conforms to its schema
+    assert {row["case_id"] for row in want} <= {str(r.id) for r in isic.records}
+    assert [h["id"] for h in found.json()["results"]] == [row["point_id"] for row in want]
+
+
 # -- schemathesis: no 5xx on anything the schema allows -------------------------------------
 def test_schemathesis_no_server_errors(
     api_settings: Settings, lens: MedLens, cases: SampleCases
@@ -442,7 +476,7 @@ def test_schemathesis_no_server_errors(
 # -- medlens demo: starts both, prints URLs, stops cleanly on SIGTERM ------------------------
 @pytest.mark.slow
 def test_demo_starts_and_stops_cleanly(tmp_path: Path) -> None:
-    code = "from medlens.api.commands import run_demo; run_demo(api_port=None, ui_port=None)"
+    code = "from medlens.cli.service import run_demo; run_demo(api_port=None, ui_port=None)"
     from medlens.api.launch import free_port
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}

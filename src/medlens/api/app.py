@@ -6,7 +6,8 @@ worker pool (see ``pool.py``); every analysis is written to the audit trail befo
 answer leaves the service.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: the routes' form and query types are built
+# per app from the knowledge packs (build_router), so their annotations must be objects.
 
 import asyncio
 import logging
@@ -26,6 +27,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from medlens import __version__
+from medlens.analysis.result import Analysis
 from medlens.api import problems
 from medlens.api.cases import CaseSearch, load_case_search
 from medlens.api.keys import KeyRejected, KeyStore
@@ -34,13 +36,10 @@ from medlens.api.problems import Problem
 from medlens.audit import AuditLog
 from medlens.config import Settings, get_settings
 from medlens.errors import EmptyInput, MedLensError
-from medlens.knowledge import DOMAINS, load_domain
+from medlens.knowledge import domains, load_domain, use_pack_dirs
 
 log = logging.getLogger("medlens.api")
 
-# Built from the knowledge packs (data), so a new domain appears in the schema by itself.
-DomainChoice = Literal[("auto", *DOMAINS)]  # type: ignore[valid-type]
-PackChoice = Literal[DOMAINS]  # type: ignore[valid-type]
 LOCAL_KEY_ID = "local"  # audit key id for unauthenticated loopback requests
 _NO_LIBRARY = "no case library built yet: build one (see docs/service.md) and restart the API"
 
@@ -103,7 +102,7 @@ class Service:
             y, x = np.mgrid[0:224, 0:224]
             pixels = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
             warm = DecodedImage(pixels, StudyContext("png", 224, 224), "warm-up")
-            for domain in DOMAINS:
+            for domain in domains():
                 self.lens.analyze(warm, domain=domain, top_k=1)
             if not self.cases_given:
                 self.cases = load_case_search(self.settings, enc.fingerprint)
@@ -246,7 +245,12 @@ def _finding_summary(domain_id: str, f: Any) -> dict[str, Any]:
     }
 
 
-def build_router() -> APIRouter:
+def build_router(domain_ids: Sequence[str] | None = None) -> APIRouter:
+    ids = tuple(domain_ids or domains())
+    # Built from the knowledge packs (data, MEDLENS_KNOWLEDGE_PATH included), so a new
+    # domain appears in the schema by itself.
+    DomainChoice = Literal[("auto", *ids)]  # type: ignore[valid-type]
+    PackChoice = Literal[ids]  # type: ignore[valid-type]
     r = APIRouter()
 
     @r.get("/healthz", tags=["service"], summary="The process is alive")
@@ -272,7 +276,7 @@ def build_router() -> APIRouter:
             "medlens_version": __version__,
             "ready": svc.ready,
             "model": svc.model_info(),
-            "domains": list(DOMAINS),
+            "domains": list(domains()),
             "capabilities": svc.capabilities,
             "auth_required": svc.require_key,
             "limits": {
@@ -290,9 +294,10 @@ def build_router() -> APIRouter:
         "/v1/analyze",
         tags=["analysis"],
         summary="Analyze one image (+ optional symptoms): differential, triage, knowledge",
-        description="Returns the analysis JSON documented in docs/analysis.md (the same as "
-        "`medlens analyze --json`). The request id is in the X-Request-ID header; it is also "
-        "the audit record id.",
+        description="Returns the analysis JSON documented in docs/analysis.md and by the "
+        "response schema below (the same as `medlens analyze --json`). The request id is in "
+        "the X-Request-ID header; it is also the audit record id.",
+        response_model=Analysis,
         dependencies=[Depends(require_multipart)],
         responses={k: v for k, v in _ERRORS.items() if k != 404},
     )
@@ -398,8 +403,8 @@ def build_router() -> APIRouter:
         key_id: KeyId,
         domain: Annotated[PackChoice | None, Query()] = None,
     ) -> dict[str, Any]:
-        ids = [domain] if domain else list(DOMAINS)
-        rows = [_finding_summary(d, f) for d in ids for f in load_domain(d).findings]
+        wanted = [domain] if domain else list(ids)
+        rows = [_finding_summary(d, f) for d in wanted for f in load_domain(d).findings]
         return {"findings": rows}
 
     @r.get(
@@ -413,7 +418,7 @@ def build_router() -> APIRouter:
         key_id: KeyId,
         domain: Annotated[PackChoice | None, Query()] = None,
     ) -> dict[str, Any]:
-        for d in [domain] if domain else DOMAINS:
+        for d in [domain] if domain else ids:
             pack = load_domain(d)
             if finding_id in pack.finding_ids:
                 f = pack.finding(finding_id)
@@ -497,6 +502,7 @@ def create_app(
     from medlens.pipeline import MedLens
 
     s = settings or get_settings()
+    use_pack_dirs(s.knowledge_dirs)
     svc = Service(
         settings=s,
         lens=lens or MedLens(settings=s),
@@ -529,7 +535,7 @@ def create_app(
     )
     app.state.service = svc
     problems.install(app)
-    app.include_router(build_router())
+    app.include_router(build_router(domains()))
     for router, capability in extra_routers:
         app.include_router(router)
         svc.capabilities[capability] = True

@@ -109,17 +109,14 @@ def problem_body(
     return body
 
 
-def problem_response(
-    status: int,
-    title: str,
-    detail: str,
-    *,
-    kind: str | None = None,
-    request: Request | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = problem_body(status, title, detail, kind=kind or _slug(title), request=request)
-    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+def problem_response(problem: Problem, request: Request | None = None) -> JSONResponse:
+    """``problem`` as an RFC 7807 ``application/problem+json`` response."""
+    body = problem_body(
+        problem.status, problem.title, problem.detail, kind=problem.kind, request=request
+    )
+    return JSONResponse(
+        body, status_code=problem.status, headers=problem.headers or None, media_type=PROBLEM_JSON
+    )
 
 
 def for_error(exc: MedLensError) -> tuple[int, str]:
@@ -136,24 +133,19 @@ def install(app: FastAPI) -> None:
     async def _medlens(request: Request, exc: MedLensError) -> JSONResponse:
         status, title = for_error(exc)
         headers = {"Retry-After": "30"} if status == 503 else None
-        return problem_response(
-            status, title, str(exc), kind=_slug(type(exc).__name__), request=request,
-            headers=headers,
-        )  # fmt: skip
+        problem = Problem(status, title, str(exc), kind=_slug(type(exc).__name__), headers=headers)
+        return problem_response(problem, request)
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return problem_response(
-            exc.status, exc.title, exc.detail, kind=exc.kind, request=request, headers=exc.headers
-        )
+        return problem_response(exc, request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         title = _HTTP_TITLES.get(exc.status_code, "HTTP error")
         detail = exc.detail if isinstance(exc.detail, str) else title
-        return problem_response(
-            exc.status_code, title, detail, request=request, headers=dict(exc.headers or {})
-        )
+        problem = Problem(exc.status_code, title, detail, headers=dict(exc.headers or {}))
+        return problem_response(problem, request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -169,12 +161,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
-        return problem_response(
-            500,
-            "Internal error",
-            "an unexpected error occurred; it has been logged with the request id",
-            request=request,
-        )
+        detail = "an unexpected error occurred; it has been logged with the request id"
+        return problem_response(Problem(500, "Internal error", detail), request)
 
 
 class UploadLimit:
@@ -190,12 +178,11 @@ class UploadLimit:
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            resp = problem_response(
-                413,
-                "Content too large",
+            detail = (
                 f"the request body has {int(length)} bytes; the limit is {self.limit} "
-                "(MEDLENS_API_MAX_UPLOAD_BYTES)",
+                "(MEDLENS_API_MAX_UPLOAD_BYTES)"
             )
+            resp = problem_response(Problem(413, "Content too large", detail))
             await resp(scope, receive, send)
             return
         seen = 0

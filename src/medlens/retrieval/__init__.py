@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medlens.retrieval.cache import EmbeddingCache
 from medlens.retrieval.knowledge_index import knowledge_passages, search_knowledge
 from medlens.retrieval.library import (
     DEFAULT_LIBRARY,
@@ -36,11 +35,13 @@ from medlens.retrieval.library import (
 )
 from medlens.retrieval.store import Condition, open_store, parse_filter
 
+if TYPE_CHECKING:
+    from medlens.config import Settings
+
 __all__ = [
     "DEFAULT_LIBRARY",
     "DEMO_SOURCES",
     "Condition",
-    "EmbeddingCache",
     "IngestReport",
     "build_demo_library",
     "check_libraries",
@@ -66,12 +67,16 @@ DEMO_SOURCES: dict[str, float] = {
 }
 
 
-def _library_name(library: str | None) -> str:
+def _library_name(library: str | None, settings: Settings | None = None) -> str:
+    """``library`` when given, else the library of ``settings`` (of the environment when
+    ``settings`` is None)."""
     if library:
         return library
-    from medlens.config import get_settings
+    if settings is None:
+        from medlens.config import get_settings
 
-    return getattr(get_settings(), "library", None) or DEFAULT_LIBRARY
+        settings = get_settings()
+    return getattr(settings, "library", None) or DEFAULT_LIBRARY
 
 
 def has_library(
@@ -89,10 +94,13 @@ def similar_cases(
     filters: Sequence[Condition | str] | None = None,
     library: str | None = None,
     using: str = "image",
+    settings: Settings | None = None,
 ) -> list[dict[str, Any]]:
     """Nearest library cases to an image embedding, ``[]`` when no library exists for
-    this model and domain. ``filters``: ``Condition`` objects or strings like "age>=40"."""
-    lib = _library_name(library)
+    this model and domain. ``filters``: ``Condition`` objects or strings like "age>=40".
+    The library is ``library``, else ``settings.library`` (the caller's settings, e.g. the
+    API's), else the environment's (MEDLENS_LIBRARY)."""
+    lib = _library_name(library, settings)
     store = open_store()
     if not collections_for(lib, encoder_fingerprint, domain, store):
         return []
