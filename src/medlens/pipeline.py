@@ -6,73 +6,30 @@ decode (io) → one encoder forward → zero-shot logits (+ symptom evidence) �
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medlens.analysis import domain as domain_mod
-from medlens.analysis import zeroshot
-from medlens.analysis.calibration import bias_vector
+from medlens.analysis import scoring
+from medlens.analysis.result import (  # noqa: F401  (DISCLAIMER, SCHEMA_VERSION re-exported)
+    DISCLAIMER,
+    SCHEMA_VERSION,
+    Analysis,
+)
 from medlens.analysis.symptoms import clean_symptoms, text_hash
-from medlens.analysis.triage import Triage, triage
+from medlens.analysis.triage import triage
 from medlens.config import Settings, get_settings
 from medlens.errors import ConfigError, MedLensError
 from medlens.io import DecodedImage, load_image
-from medlens.knowledge import DOMAINS, KnowledgePack, load_domain
+from medlens.knowledge import KnowledgePack, domains, load_domain, use_pack_dirs
+from medlens.models.base import ensemble, flipped
+from medlens.models.card import ModelCard, card_for
 
 log = logging.getLogger("medlens")
-
-SCHEMA_VERSION = "1"
-DISCLAIMER = (
-    "Research software for decision support only; not a diagnosis. "
-    "A qualified clinician must interpret every result."
-)
-DOMAIN_CHOICES = ("auto", *DOMAINS)
-
-
-@dataclass
-class Analysis:
-    """Result of one analysis. ``to_dict()`` is the documented JSON (docs/analysis.md)."""
-
-    domain: str
-    domain_source: str  # "given" | "dicom" | "image"
-    domain_scores: dict[str, float]
-    model: dict[str, str]
-    findings: list[dict[str, Any]]  # all findings, sorted by probability
-    triage: Triage
-    descriptions: list[dict[str, Any]]
-    input: dict[str, Any]
-    symptoms: dict[str, Any] | None
-    top_k: int
-    similar_cases: list[dict[str, Any]] = field(default_factory=list)
-    knowledge: list[dict[str, Any]] = field(default_factory=list)
-    context_note: str | None = None  # why similar cases / knowledge are missing, if they are
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    embedding: np.ndarray | None = field(default=None, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "domain": self.domain,
-            "domain_detection": {"source": self.domain_source, "scores": self.domain_scores},
-            "model": self.model,
-            "input": self.input,
-            "findings": self.findings[: self.top_k],
-            "triage": self.triage.to_dict(),
-            "descriptions": self.descriptions,
-            "symptoms": self.symptoms,
-            "similar_cases": self.similar_cases,
-            "knowledge": self.knowledge,
-            "context_note": self.context_note,
-            "disclaimer": DISCLAIMER,
-            "timings_ms": self.timings_ms,
-        }
 
 
 class MedLens:
@@ -89,15 +46,17 @@ class MedLens:
         *,
         device: str | None = None,
         settings: Settings | None = None,
-        symptom_weight: float = 0.5,
+        symptom_weight: float = scoring.SYMPTOM_WEIGHT,
         retrieval: bool = True,
     ):
         self.settings = settings or get_settings()
+        use_pack_dirs(self.settings.knowledge_dirs)
         self.model_name = model or self.settings.model
         self.device = device or self.settings.device
         self.symptom_weight = symptom_weight
         self.retrieval = retrieval
         self._encoder = None
+        self._card: ModelCard | None = None
 
     @property
     def encoder(self):
@@ -109,19 +68,15 @@ class MedLens:
 
     @property
     def cache_dir(self) -> Path:
-        return self.settings.cache_dir / "prompts"
+        """The embedding cache (``medlens.embeddings``) prompt vectors are kept in."""
+        return self.settings.cache_dir
 
-    def calibration(self) -> dict[str, Any]:
-        return getattr(self.encoder, "calibration", None) or {}
-
-    def _calibration_id(self) -> str | None:
-        """Hash of the temperatures and thresholds in force: the fingerprint covers the
-        weights only, so results record which calibration produced them."""
-        cal = self.calibration()
-        if not cal:
-            return None
-        used = {k: cal.get(k) for k in ("temperature", "bias", "thresholds")}
-        return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:12]
+    @property
+    def card(self) -> ModelCard:
+        """The encoder's model card (calibration, provenance), looked up once."""
+        if self._card is None:
+            self._card = card_for(self.encoder, self.settings.cards_dir)
+        return self._card
 
     # -- the flow ----------------------------------------------------------------------
     def decode(
@@ -145,9 +100,9 @@ class MedLens:
         top_k: int = 5,
         filename: str | None = None,
     ) -> Analysis:
-        if domain not in DOMAIN_CHOICES:
+        if domain != "auto" and domain not in domains():
             raise ConfigError(
-                f"unknown domain {domain!r}; choose one of {', '.join(DOMAIN_CHOICES)}"
+                f"unknown domain {domain!r}; choose one of {', '.join(('auto', *domains()))}"
             )
         if top_k < 1:
             raise ConfigError("top_k must be at least 1")
@@ -164,17 +119,17 @@ class MedLens:
 
         t2 = time.perf_counter()
         scores = domain_mod.domain_scores(emb, enc, self.cache_dir)[0]
-        domain_scores = {d: round(float(s), 4) for d, s in zip(DOMAINS, scores, strict=True)}
+        domain_scores = {d: round(float(s), 4) for d, s in zip(domains(), scores, strict=True)}
         if domain != "auto":
             chosen, source = domain, "given"
         elif (from_ctx := domain_mod.domain_from_context(decoded.context)) is not None:
             chosen, source = from_ctx, "dicom"
         else:
-            chosen, source = DOMAINS[int(np.argmax(scores))], "image"
+            chosen, source = domains()[int(np.argmax(scores))], "image"
         pack = load_domain(chosen)
         score_emb = self._scoring_embedding(pack, decoded.pixels, emb, timings)
         probs, sym = self._score(pack, score_emb, symptoms)
-        tri = triage(pack, probs, self.calibration().get("thresholds", {}).get(pack.id))
+        tri = triage(pack, probs, self.card.calibration.thresholds_for(pack.id))
         timings["score"] = (time.perf_counter() - t2) * 1000
         ranked = sorted(probs, key=probs.get, reverse=True)
 
@@ -195,12 +150,11 @@ class MedLens:
         )
         return Analysis(
             domain=chosen,
-            domain_source=source,
-            domain_scores=domain_scores,
+            domain_detection={"source": source, "scores": domain_scores},
             model={
                 "name": self.model_name,
                 "fingerprint": enc.fingerprint,
-                "calibration": self._calibration_id(),
+                "calibration": self.card.calibration.id,
             },
             findings=findings,
             triage=tri,
@@ -226,9 +180,9 @@ class MedLens:
         if not flips:
             return emb
         t = time.perf_counter()
-        views = self.encoder.embed_images([zeroshot.flipped(pixels, f) for f in flips])
+        views = self.encoder.embed_images([flipped(pixels, f) for f in flips])
         timings["encode_flips"] = (time.perf_counter() - t) * 1000
-        return zeroshot.ensemble(np.vstack([emb[None], views]))
+        return ensemble(np.vstack([emb[None], views]))
 
     def _context(
         self, emb: np.ndarray, domain: str, finding_ids: list[str]
@@ -242,7 +196,9 @@ class MedLens:
 
         enc = self.encoder
         try:
-            cases = retrieval.similar_cases(emb, domain, enc.fingerprint, k=5)
+            cases = retrieval.similar_cases(
+                emb, domain, enc.fingerprint, k=5, settings=self.settings
+            )
             passages = retrieval.knowledge_passages(
                 enc, finding_ids, domain, k_per_finding=2, query_embedding=emb
             )
@@ -255,30 +211,21 @@ class MedLens:
     def _score(
         self, pack: KnowledgePack, emb: np.ndarray, symptoms: str | None
     ) -> tuple[dict[str, float], dict[str, Any] | None]:
-        enc = self.encoder
-        scale = float(enc.logit_scale)
-        temperature = float(self.calibration().get("temperature", {}).get(pack.id, 1.0))
-        class_emb = zeroshot.finding_embeddings(enc, pack, self.cache_dir)
-        logits = zeroshot.similarity_logits(emb, class_emb, scale)
-        if pack.task == "single_label":  # prior correction fitted with the temperature
-            logits = logits + bias_vector(self.calibration(), pack.id, pack.finding_ids)
-        ref_logit = np.zeros(1, dtype=np.float32)
-        if pack.task == "multi_label":
-            ref = zeroshot.reference_embedding(enc, pack, self.cache_dir)
-            ref_logit = np.array([scale * float(emb @ ref)], dtype=np.float32)
+        """Calibrated probabilities by the one scoring rule (``analysis.scoring``); the
+        symptom text is embedded here and fused there."""
+        sym_emb = self.encoder.embed_texts([symptoms]) if symptoms is not None else None
+        s = scoring.score(
+            self.encoder,
+            pack,
+            emb,
+            self.card.calibration,
+            symptom_emb=sym_emb,
+            symptom_weight=self.symptom_weight,
+            prompt_cache=self.cache_dir,
+        )
         sym_info = None
-        if symptoms is not None:
-            # Symptom text scored against the same finding prompts (text→text) and mixed
-            # log-linearly with a fixed weight until a trained fusion exists. For
-            # multi-label domains the symptom term is taken relative to the reference.
-            sym_emb = enc.embed_texts([symptoms])[0]
-            sym_logits = zeroshot.similarity_logits(sym_emb, class_emb, scale)
-            sym_ref = 0.0
-            if pack.task == "multi_label":
-                sym_ref = scale * float(sym_emb @ ref)
-            logits = logits + self.symptom_weight * (sym_logits - sym_ref)
-            sym_p = zeroshot.single_label_probs(sym_logits)[0]
-            order = np.argsort(-sym_p)[:3]
+        if s.symptom_probabilities is not None:
+            order = np.argsort(-s.symptom_probabilities)[:3]
             sym_info = {
                 "sha256": text_hash(symptoms),
                 "weight": self.symptom_weight,
@@ -286,16 +233,12 @@ class MedLens:
                     {
                         "id": pack.findings[i].id,
                         "name": pack.findings[i].name,
-                        "probability": round(float(sym_p[i]), 4),
+                        "probability": round(float(s.symptom_probabilities[i]), 4),
                     }
                     for i in order
                 ],
             }
-        if pack.task == "single_label":
-            p = zeroshot.single_label_probs(logits, temperature)[0]
-        else:
-            p = zeroshot.multi_label_probs(logits, ref_logit, temperature)[0]
-        return {f.id: float(pi) for f, pi in zip(pack.findings, p, strict=True)}, sym_info
+        return s.as_dict(pack), sym_info
 
     @staticmethod
     def _finding_row(pack: KnowledgePack, fid: str, p: float) -> dict[str, Any]:

@@ -9,8 +9,6 @@ calibration temperature), so a protocol measures what a user of ``analyze`` gets
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import os
 import platform
 import time
@@ -24,18 +22,20 @@ from typing import Any
 import numpy as np
 import yaml
 
+from medlens import embeddings
 from medlens.analysis import calibration as C
 from medlens.analysis import domain as domain_mod
-from medlens.analysis import zeroshot
+from medlens.analysis import scoring
 from medlens.analysis.triage import level_thresholds
-from medlens.config import get_settings
+from medlens.config import Settings, get_settings
 from medlens.datasets import load_dataset
 from medlens.datasets.manifest import Manifest, Record
 from medlens.errors import ConfigError
 from medlens.evaluation import metrics as M
 from medlens.evaluation import plots
-from medlens.knowledge import DOMAINS, KnowledgePack, load_domain
-from medlens.training.features import cached_features
+from medlens.knowledge import KnowledgePack, domains, load_domain
+from medlens.models.base import ensemble
+from medlens.models.card import Calibration, ModelCard, card_for
 
 Advance = Callable[[int], None]
 AdvanceFactory = Callable[[str, int], Advance]
@@ -79,23 +79,18 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def model_info(encoder: Any) -> dict[str, Any]:
-    meta = getattr(encoder, "meta", None) or {}
-    recipe = meta.get("recipe") or {}
+def model_info(encoder: Any, card: ModelCard) -> dict[str, Any]:
+    """Which weights a result describes, from the model card."""
     return {
         "name": getattr(encoder, "name", "?"),
         "fingerprint": encoder.fingerprint,
-        "trained_on": list(recipe.get("data") or []),
-        "trained_at": meta.get("trained_at"),
-        "calibration": bool(getattr(encoder, "calibration", None)),
+        "trained_on": list(card.trained_on),
+        "trained_at": card.trained_at,
+        "calibration": bool(card.calibration),
     }
 
 
-# -- embeddings, cached per encoder fingerprint ---------------------------------------------
-def _embeddings_dir() -> Path:
-    return get_settings().cache_dir / "embeddings"
-
-
+# -- embeddings, through the one embedding cache (medlens.embeddings) ----------------------
 def embed_records(
     encoder: Any,
     manifest: Manifest,
@@ -103,17 +98,17 @@ def embed_records(
     advance: Advance | None = None,
     flips: Sequence[str] = (),
 ) -> np.ndarray:
-    """Image embeddings of ``records``, cached on disk; with ``flips`` (a domain's
-    ``test_time_flips``), the re-normalised mean over each image and its flips, exactly
-    as ``MedLens.analyze`` scores them (each flip is its own cache entry).
+    """Image embeddings of ``records``, cached by image content; with ``flips`` (a
+    domain's ``test_time_flips``), the re-normalised mean over each image and its flips,
+    exactly as ``MedLens.analyze`` scores them (each flip is its own cached view).
 
     Encoders with frozen backbones and trained heads (lite) cache the backbone features
-    per *backbone* fingerprint in ``cache/features``, the same cache training uses, and
-    apply the heads on top: retraining the heads never re-runs the backbone. Other
-    encoders cache their embeddings per fingerprint in ``cache/embeddings``.
+    per *backbone* fingerprint, the same entries training uses, and apply the heads on
+    top: retraining the heads never re-runs the backbone. Other encoders cache their
+    embeddings per fingerprint.
     """
     views = [_embed_view(encoder, manifest, records, advance, f) for f in (None, *flips)]
-    return views[0] if len(views) == 1 else zeroshot.ensemble(np.stack(views))
+    return views[0] if len(views) == 1 else ensemble(np.stack(views))
 
 
 def _embed_view(
@@ -123,65 +118,28 @@ def _embed_view(
     advance: Advance | None,
     flip: str | None,
 ) -> np.ndarray:
-    """Embeddings of ``records`` (mirrored as ``flip`` names, if any), cached on disk."""
-
-    def view(ims: list[np.ndarray]) -> list[np.ndarray]:
-        return ims if flip is None else [zeroshot.flipped(im, flip) for im in ims]
-
-    suffix = "" if flip is None else f"-flip-{flip}"
-    if hasattr(encoder, "embed_from_features") and hasattr(encoder, "features_key"):
-        import torch
-
-        feats = cached_features(
-            manifest,
-            records,
-            lambda ims: encoder.image_features(view(ims), batch_size=32).numpy(),
-            encoder.features_key + suffix,
-            get_settings().cache_dir / "features",
-            batch_size=64,
-            on_batch=advance,
-        )
-        if not len(records):
-            return np.zeros((0, encoder.dim), np.float32)
-        with torch.inference_mode():
-            emb, _ = encoder.embed_from_features(img_feats=torch.from_numpy(feats))
-        return emb.float().cpu().numpy()
-    return cached_features(
+    """Embeddings of ``records`` (mirrored as ``flip`` names, if any), cached: misses are
+    embedded 64 records at a time (forward batches of 32), as an uncached run does."""
+    return embeddings.embed_records(
+        encoder,
         manifest,
         records,
-        lambda ims: encoder.embed_images(view(ims), batch_size=32),
-        f"emb-{encoder.fingerprint}{suffix}",
-        _embeddings_dir(),
+        store=embeddings.open_store(),
+        flip=flip,
         batch_size=64,
-        on_batch=advance,
+        forward_batch=32,
+        progress=advance,
     )
 
 
 def embed_texts_cached(
     encoder: Any, texts: Sequence[str], advance: Advance | None = None
 ) -> np.ndarray:
-    """Text embeddings cached under a hash of (fingerprint, texts): only vectors and a
-    hash reach the disk, never the text."""
-    h = hashlib.sha256(encoder.fingerprint.encode())
-    for t in texts:
-        h.update(t.encode())
-        h.update(b"\0")
-    path = _embeddings_dir() / f"text_{h.hexdigest()[:24]}.npy"
-    if path.is_file():
-        if advance:
-            advance(len(texts))
-        return np.load(path)
-    out = []
-    for i in range(0, len(texts), 64):
-        out.append(np.asarray(encoder.embed_texts(list(texts[i : i + 64])), dtype=np.float32))
-        if advance:
-            advance(len(texts[i : i + 64]))
-    emb = np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, emb)
-    tmp.replace(path)
-    return emb
+    """Text embeddings cached by the hash of each text (only vectors and hashes reach
+    the disk, never the text); misses are embedded 64 at a time."""
+    return embeddings.embed_texts(
+        encoder, texts, store=embeddings.open_store(), batch_size=64, progress=advance
+    )
 
 
 def select_records(manifest: Manifest, split: str | None, limit: int | None) -> list[Record]:
@@ -211,6 +169,8 @@ class Context:
     advance_factory: AdvanceFactory | None
     plot_dir: Path | None
     n_boot: int
+    card: ModelCard
+    settings: Settings
 
     def advance(self, label: str, total: int) -> Advance | None:
         return self.advance_factory(label, total) if self.advance_factory else None
@@ -218,10 +178,12 @@ class Context:
     def embed(
         self, manifest: Manifest, recs: list[Record], label: str, for_scoring: bool = True
     ) -> np.ndarray:
-        """Embeddings of ``recs`` in order, cached split by split: a full split is the same
-        cache entry whichever protocol (or training run) asked for it first. For scoring
-        findings they include the domain's test-time flips, as ``analyze`` does; domain
-        detection (``for_scoring=False``) uses the plain embedding, as ``analyze`` does."""
+        """Embeddings of ``recs`` in order, computed split by split (the batches, and the
+        lite heads' pass over a split's features, are those of every earlier evaluation);
+        each image's vector is cached by its content, whichever protocol (or training
+        run) asked for it first. For scoring findings they include the domain's test-time
+        flips, as ``analyze`` does; domain detection (``for_scoring=False``) uses the
+        plain embedding, as ``analyze`` does."""
         flips = load_domain(manifest.domain).domain.test_time_flips if for_scoring else ()
         adv = self.advance(f"{label}: {manifest.name}", len(recs) * (1 + len(flips)))
         by_split: dict[str | None, list[int]] = {}
@@ -249,20 +211,13 @@ class Context:
     def plot(self, kind: str) -> Path | None:
         return self.plot_dir / f"{self.name}-{kind}.png" if self.plot_dir else None
 
-    def temperature(self, domain: str) -> float | None:
-        cal = getattr(self.encoder, "calibration", None) or {}
-        t = (cal.get("temperature") or {}).get(domain)
-        return float(t) if t else None
+    @property
+    def calibration(self) -> Calibration:
+        return self.card.calibration
 
-    def bias(self, pack: KnowledgePack) -> np.ndarray:
-        """The model's stored per-finding logit offsets (zeros when it has none)."""
-        cal = getattr(self.encoder, "calibration", None) or {}
-        return C.bias_vector(cal, pack.id, pack.finding_ids)
-
-    def stored_threshold(self, domain: str, finding: str) -> float | None:
-        cal = getattr(self.encoder, "calibration", None) or {}
-        t = ((cal.get("thresholds") or {}).get(domain) or {}).get(finding)
-        return float(t) if t is not None else None
+    def logits(self, pack: KnowledgePack, emb: np.ndarray) -> np.ndarray:
+        """(N, n_findings) finding logits by the one scoring rule (as analyze scores)."""
+        return scoring.finding_logits(self.encoder, pack, emb, self.settings.cache_dir)
 
 
 def run_protocol(
@@ -271,24 +226,22 @@ def run_protocol(
     limit: int | None = None,
     advance_factory: AdvanceFactory | None = None,
     plot_dir: Path | None = None,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     """Run protocol ``name`` and return its metrics object (JSON-serialisable). With
-    ``plot_dir``, also write its plots there (their file names are in ``plots``)."""
+    ``plot_dir``, also write its plots there (their file names are in ``plots``).
+    ``settings`` (the caller's; read from the environment when None) locate the cache
+    and the model cards."""
+    settings = settings or get_settings()
     spec = protocols().get(name)
     if spec is None:
         raise ConfigError(f"unknown protocol {name!r}; choose one of {', '.join(protocols())}")
     if limit is not None and limit < 1:
         raise ConfigError("limit must be at least 1")
     d = defaults()
-    ctx = Context(
-        name=name,
-        spec=spec,
-        encoder=encoder,
-        limit=limit,
-        advance_factory=advance_factory,
-        plot_dir=plot_dir,
-        n_boot=d["smoke_bootstrap_n"] if limit else d["bootstrap"]["n"],
-    )
+    n_boot = d["smoke_bootstrap_n"] if limit else d["bootstrap"]["n"]
+    card = card_for(encoder, settings.cards_dir)
+    ctx = Context(name, spec, encoder, limit, advance_factory, plot_dir, n_boot, card, settings)
     started = time.time()
     kinds = {
         "classification": _classification,
@@ -304,7 +257,7 @@ def run_protocol(
         "title": spec.get("title", name),
         "kind": spec["kind"],
         **out,
-        "model": model_info(encoder),
+        "model": model_info(encoder, ctx.card),
         "limit": limit,
         "bootstrap": {**d["bootstrap"], "n": ctx.n_boot},
         "anchors": spec.get("anchors") or [],
@@ -339,28 +292,11 @@ def _dataset_block(ctx: Context, manifest: Manifest, n: int, **extra: Any) -> di
 
 def _candidates(pack: KnowledgePack, manifest: Manifest) -> list[str]:
     """Findings the dataset's labels map to, in the pack's order."""
-    mapped = {pack.map_label(manifest.vocab, lab) for lab in manifest.label_set()}
-    return [f for f in pack.finding_ids if f in mapped]
+    return pack.candidates(manifest.vocab, manifest.label_set())
 
 
 def _label_findings(pack: KnowledgePack, manifest: Manifest, rec: Record) -> list[str]:
-    out = []
-    for lab in rec.labels:
-        f = pack.map_label(manifest.vocab_of(rec), lab)
-        if f is not None and f not in out:
-            out.append(f)
-    return out
-
-
-def _finding_logits(ctx: Context, pack: KnowledgePack, emb: np.ndarray) -> np.ndarray:
-    """(N, n_findings) scaled similarities to every finding of the domain."""
-    cls = zeroshot.finding_embeddings(ctx.encoder, pack, get_settings().cache_dir / "prompts")
-    return zeroshot.similarity_logits(emb, cls, ctx.encoder.logit_scale)
-
-
-def _reference_logit(ctx: Context, pack: KnowledgePack, emb: np.ndarray) -> np.ndarray:
-    ref = zeroshot.reference_embedding(ctx.encoder, pack, get_settings().cache_dir / "prompts")
-    return float(ctx.encoder.logit_scale) * (np.atleast_2d(emb) @ ref)
+    return pack.findings_for(manifest.vocab_of(rec), rec.labels)
 
 
 def _probs_block(probs: np.ndarray, y: np.ndarray, bins: int) -> dict[str, float | None]:
@@ -388,7 +324,7 @@ def _calibration_block(
         "ece_bins": bins,
         "uncalibrated": {"temperature": 1.0, **_probs_block(to_probs(1.0), y, bins)},
     }
-    t_model = ctx.temperature(domain)
+    t_model = ctx.calibration.temperature.get(domain)
     out["model_temperature"] = (
         {
             "temperature": _r(t_model),
@@ -476,7 +412,7 @@ def _operating_point(
 ) -> dict[str, Any]:
     """Sensitivity/specificity of ``finding`` at the triage threshold the pipeline uses:
     the model's stored per-finding threshold, else the policy's for its risk level."""
-    stored = ctx.stored_threshold(pack.id, finding)
+    stored = ctx.calibration.thresholds_for(pack.id).get(finding)
     risk = pack.finding(finding).risk
     if stored is not None:
         t, source = stored, "model's stored per-finding threshold"
@@ -520,13 +456,13 @@ def _modality_scores(
     cache: dict[str, np.ndarray],
 ) -> _Scores:
     if "image" not in cache:
-        cache["image"] = _finding_logits(ctx, pack, ctx.embed(manifest, recs, ctx.name))
+        cache["image"] = ctx.logits(pack, ctx.embed(manifest, recs, ctx.name))
     if modality in ("symptoms", "fusion") and "symptoms" not in cache:
         texts = [r.text or "" for r in recs]
         emb = embed_texts_cached(ctx.encoder, texts, ctx.advance(f"{ctx.name}: text", len(texts)))
-        cache["symptoms"] = _finding_logits(ctx, pack, emb)
+        cache["symptoms"] = ctx.logits(pack, emb)
     if modality == "fusion":
-        full = cache["image"] + _symptom_weight() * cache["symptoms"]
+        full = scoring.fuse(cache["image"], cache["symptoms"], scoring.SYMPTOM_WEIGHT)
     else:
         full = cache[modality]
     return _Scores(full, full[:, order])
@@ -534,14 +470,7 @@ def _modality_scores(
 
 def _softmax_at(logits: np.ndarray) -> Callable[[float], np.ndarray]:
     """Probabilities of ``logits`` as a function of the temperature."""
-    return lambda t: zeroshot.single_label_probs(logits, t)
-
-
-def _symptom_weight() -> float:
-    """The pipeline's fixed symptom weight (one source: ``MedLens``'s default)."""
-    from medlens.pipeline import MedLens
-
-    return float(inspect.signature(MedLens.__init__).parameters["symptom_weight"].default)
+    return lambda t: scoring.probabilities(logits, "single_label", t)
 
 
 def _classification(ctx: Context) -> dict[str, Any]:
@@ -555,11 +484,10 @@ def _classification(ctx: Context) -> dict[str, Any]:
     recs = [r for r, t in zip(all_recs, targets, strict=True) if t]
     y = np.array([classes.index(t[0]) for t in targets if t])
     groups = np.array([r.group or r.id for r in recs]) if any(r.group for r in recs) else None
-    t_model = ctx.temperature(pack.id) or 1.0
-    bias = ctx.bias(pack)
+    bias = ctx.calibration.bias_for(pack.id, pack.finding_ids)
     fold_key = spec.get("folds")
     folds = np.array([int(r.meta[fold_key]) for r in recs]) if fold_key else None
-    trained = spec["dataset"] in model_info(ctx.encoder)["trained_on"]
+    trained = spec["dataset"] in model_info(ctx.encoder, ctx.card)["trained_on"]
 
     out: dict[str, Any] = {
         "dataset": _dataset_block(
@@ -573,7 +501,7 @@ def _classification(ctx: Context) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for modality in modalities:
         s = _modality_scores(ctx, pack, manifest, recs, order, modality, cache)
-        probs = zeroshot.single_label_probs(s.cand_logits + bias[order], t_model)
+        probs = scoring.calibrated(s.full_logits, pack, ctx.calibration, columns=order)
         res = _single_label_metrics(ctx, y, probs, classes, groups)
         if folds is not None:
             res["folds"] = _per_fold(ctx, y, probs, folds, recs, trained, groups)
@@ -585,7 +513,7 @@ def _classification(ctx: Context) -> dict[str, Any]:
         for gname, g in (spec.get("binary_groups") or {}).items():
             res[gname] = _binary_group(ctx, y, probs, classes, g, groups)
         if (finding := spec.get("operating_point")) in classes:
-            full_p = zeroshot.single_label_probs(s.full_logits + bias, t_model)
+            full_p = scoring.calibrated(s.full_logits, pack, ctx.calibration)
             k = pack.finding_ids.index(finding)
             res["operating_point"] = _operating_point(
                 ctx,
@@ -625,7 +553,7 @@ def _classification(ctx: Context) -> dict[str, Any]:
             "symptoms": "symptom-sentence embedding vs the same finding prompts (text→text); "
             "no symptom classifier is trained, nothing is fitted per fold",
             "fusion": f"the pipeline's fixed late fusion: image logits + "
-            f"{_symptom_weight()} × symptom logits (untrained weight)",
+            f"{scoring.SYMPTOM_WEIGHT} × symptom logits (untrained weight)",
             "fusion_trained": None,
         }
     return out
@@ -748,7 +676,7 @@ def _classification_calibration(
             out = np.empty_like(s.cand_logits)
             for f, tf in temps.items():
                 m = folds == f
-                out[m] = zeroshot.single_label_probs(s.cand_logits[m], tf)
+                out[m] = scoring.probabilities(s.cand_logits[m], "single_label", tf)
             return out
 
         bins = defaults()["ece_bins"]
@@ -767,7 +695,7 @@ def _classification_calibration(
         vrecs = [vrecs[i] for i in keep]
         cand = [pack.finding_ids[i] for i in order]
         vy = np.array([cand.index(vt[i][0]) for i in keep])
-        vlog = _finding_logits(ctx, pack, ctx.embed(manifest, vrecs, f"{ctx.name} ({where})"))
+        vlog = ctx.logits(pack, ctx.embed(manifest, vrecs, f"{ctx.name} ({where})"))
         fitted = C.fit_temperature(vlog[:, order], vy)
         fitted_on = f"{manifest.name} {where} split (n={len(vy)})"
     return _calibration_block(ctx, pack.id, to_probs, y, fitted, fitted_on, model_probs)
@@ -809,14 +737,13 @@ def _binary(ctx: Context) -> dict[str, Any]:
     k = pack.finding_ids.index(finding)
     recs = select_records(manifest, spec["split"], ctx.limit)
     emb = ctx.embed(manifest, recs, ctx.name)
-    z = _finding_logits(ctx, pack, emb)[:, k] - _reference_logit(ctx, pack, emb)
+    z = ctx.logits(pack, emb)[:, k]
     y = np.array([finding in _label_findings(pack, manifest, r) for r in recs], dtype=int)
-    t_model = ctx.temperature(pack.id) or 1.0
-    p = zeroshot.sigmoid(z / t_model)
+    p = scoring.calibrated(z[:, None], pack, ctx.calibration)[:, 0]
     pred = (p >= float(spec.get("threshold", 0.5))).astype(int)
     rep = M.binary_report(y, pred)
     groups = np.array([r.group or r.id for r in recs]) if any(r.group for r in recs) else None
-    trained = spec["dataset"] in model_info(ctx.encoder)["trained_on"]
+    trained = spec["dataset"] in model_info(ctx.encoder, ctx.card)["trained_on"]
     out: dict[str, Any] = {
         "dataset": _dataset_block(ctx, manifest, len(recs), positives=int(y.sum())),
         "domain": pack.id,
@@ -839,11 +766,13 @@ def _binary(ctx: Context) -> dict[str, Any]:
     if where := spec.get("calibration_split"):
         vrecs = select_records(manifest, where, ctx.limit)
         vemb = ctx.embed(manifest, vrecs, f"{ctx.name} ({where})")
-        vz = _finding_logits(ctx, pack, vemb)[:, k] - _reference_logit(ctx, pack, vemb)
+        vz = ctx.logits(pack, vemb)[:, k]
         vy = np.array([finding in _label_findings(pack, manifest, r) for r in vrecs], dtype=int)
         fitted = C.fit_temperature_multilabel(vz[:, None], vy[:, None])
         fitted_on = f"{manifest.name} {where} split (n={len(vy)})"
-    to_probs = lambda t: M.binary_probs(zeroshot.sigmoid(z / t))  # noqa: E731
+    to_probs = lambda t: M.binary_probs(  # noqa: E731
+        scoring.probabilities(z[:, None], "multi_label", t)[:, 0]
+    )
     out["calibration"] = _calibration_block(ctx, pack.id, to_probs, y, fitted, fitted_on)
     if ctx.plot_dir is not None:
         short = f"{ctx.name} (n={len(y)})"
@@ -879,7 +808,7 @@ def _retrieval(ctx: Context) -> dict[str, Any]:
         ),
         "domain": pack.id,
         "seen_in_training": _seen_note(
-            spec["dataset"] in model_info(ctx.encoder)["trained_on"], spec, recs
+            spec["dataset"] in model_info(ctx.encoder, ctx.card)["trained_on"], spec, recs
         ),
     }
     ranks = {}
@@ -922,15 +851,13 @@ def _multilabel_classification(
     keep = [i for i, t in enumerate(tg) if t]
     if not keep:
         return {"n": 0}
-    z = (_finding_logits(ctx, pack, emb[keep]) - _reference_logit(ctx, pack, emb[keep])[:, None])[
-        :, order
-    ]
+    z = ctx.logits(pack, emb[keep])[:, order]
     target = np.array([[c in tg[i] for c in classes] for i in keep], dtype=int)
     y = np.array([classes.index(tg[i][0]) for i in keep])
     pred = z.argmax(1)
     hit = target[np.arange(len(keep)), pred].astype(int)
     groups = np.array([recs[i].group or recs[i].id for i in keep])
-    t_model = ctx.temperature(pack.id) or 1.0
+    t_model = ctx.calibration.temperature_for(pack.id)
     out: dict[str, Any] = {
         "n": len(keep),
         "classes": classes,
@@ -939,7 +866,7 @@ def _multilabel_classification(
         "accuracy_ci": ctx.ci(lambda h: float(h.mean()), hit, groups=groups),
         "majority_class_accuracy": _r(target.sum(0).max() / len(keep)),
         "balanced_accuracy": _r(M.balanced_accuracy(y, pred)),
-        "macro_auroc": _r(M.macro_auroc(target, zeroshot.sigmoid(z / t_model))),
+        "macro_auroc": _r(M.macro_auroc(target, scoring.probabilities(z, pack.task, t_model))),
         "note": "top-1 = highest-scoring of the findings this dataset's labels map to; "
         "AUROC per finding (one-vs-rest) where both classes occur",
     }
@@ -947,7 +874,7 @@ def _multilabel_classification(
     flat_y = target.ravel()
 
     def to_probs(t: float) -> np.ndarray:
-        return M.binary_probs(zeroshot.sigmoid(z / t).ravel())
+        return M.binary_probs(scoring.probabilities(z, pack.task, t).ravel())
 
     fitted = fitted_on = None
     if where := ctx.spec.get("calibration_split"):
@@ -956,9 +883,7 @@ def _multilabel_classification(
         vkeep = [i for i, t in enumerate(vt) if t]
         if vkeep:
             vemb = ctx.embed(manifest, [vrecs[i] for i in vkeep], f"{ctx.name} ({where})")
-            vz = (_finding_logits(ctx, pack, vemb) - _reference_logit(ctx, pack, vemb)[:, None])[
-                :, order
-            ]
+            vz = ctx.logits(pack, vemb)[:, order]
             vtarget = np.array([[c in vt[i] for c in classes] for i in vkeep], dtype=int)
             fitted = C.fit_temperature_multilabel(vz, vtarget)
             fitted_on = f"{manifest.name} {where} split (n={len(vkeep)}, labelled)"
@@ -967,7 +892,7 @@ def _multilabel_classification(
     if ctx.plot_dir is not None:
         short = f"{ctx.name} findings (n={len(keep)})"
         plots.confusion_matrix(y, pred, classes, ctx.plot("confusion"), short)
-        p = zeroshot.sigmoid(z / t_model)
+        p = scoring.probabilities(z, pack.task, t_model)
         plots.roc_curves(
             {c: (target[:, k], p[:, k]) for k, c in enumerate(classes)},
             ctx.plot("roc"),
@@ -996,8 +921,8 @@ def _domain(ctx: Context) -> dict[str, Any]:
             parts = [select_records(manifest, s, each) for s in splits]
             recs = [r for rs in parts for r in rs]
             emb = ctx.embed(manifest, recs, ctx.name, for_scoring=False)
-        p = domain_mod.domain_scores(emb, ctx.encoder, get_settings().cache_dir / "prompts")
-        truth = DOMAINS.index(manifest.domain)
+        p = domain_mod.domain_scores(emb, ctx.encoder, ctx.settings.cache_dir)
+        truth = domains().index(manifest.domain)
         per[name] = {
             "n": len(recs),
             "domain": manifest.domain,
@@ -1019,6 +944,6 @@ def _domain(ctx: Context) -> dict[str, Any]:
     }
     if ctx.plot_dir is not None:
         plots.confusion_matrix(
-            y, pred, list(DOMAINS), ctx.plot("confusion"), f"domain (n={len(y)})"
+            y, pred, list(domains()), ctx.plot("confusion"), f"domain (n={len(y)})"
         )
     return out

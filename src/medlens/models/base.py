@@ -48,3 +48,22 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     n = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.maximum(n, 1e-12)
+
+
+# Views of an image for test-time augmentation (a domain's ``test_time_flips``).
+FLIPS = {
+    "horizontal": lambda a: a[:, ::-1],
+    "vertical": lambda a: a[::-1],
+    "both": lambda a: a[::-1, ::-1],
+}
+
+
+def flipped(image: np.ndarray, flip: str) -> np.ndarray:
+    """An (H, W, C) image mirrored as ``flip`` names (a domain's ``test_time_flips``)."""
+    return np.ascontiguousarray(FLIPS[flip](image))
+
+
+def ensemble(embeddings: np.ndarray) -> np.ndarray:
+    """Mean of unit vectors over the first axis, re-normalised: one direction for a set
+    of phrasings, or per image for a stack of its views (V, N, D) → (N, D)."""
+    return l2_normalize(np.asarray(embeddings, dtype=np.float32).mean(axis=0))

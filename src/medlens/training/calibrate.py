@@ -31,15 +31,14 @@ from typing import Any
 import numpy as np
 
 from medlens.analysis import calibration as C
-from medlens.analysis import zeroshot
+from medlens.analysis import scoring
 from medlens.config import get_settings
 from medlens.datasets import load_dataset
 from medlens.datasets.manifest import Manifest, Record
 from medlens.errors import ConfigError, ModelUnavailable
 from medlens.evaluation import metrics as M
-from medlens.knowledge import KnowledgePack, load_domain
+from medlens.knowledge import KnowledgePack, load_domain, training_datasets
 
-DEFAULT_DATA = ("dermamnist", "pad_ufes_20", "dermnet", "covid_chestxray", "pneumoniamnist")
 SPLIT = "val"
 ECE_BINS = 15
 MIN_POSITIVES = 5  # below this a sensitivity on validation says nothing
@@ -57,8 +56,7 @@ class DomainData:
     """Validation scores of one domain, pooled over its datasets, as arrays."""
 
     pack: KnowledgePack
-    logits: list[np.ndarray] = field(default_factory=list)  # (n, K) scaled similarities
-    ref: list[np.ndarray] = field(default_factory=list)  # (n,) reference logit (multi-label)
+    logits: list[np.ndarray] = field(default_factory=list)  # (n, K) ``scoring.finding_logits``
     targets: list[np.ndarray] = field(default_factory=list)  # (n,) index | (n, K) multi-hot
     mask: list[np.ndarray] = field(default_factory=list)  # (n, K) labelled entries
     source: list[np.ndarray] = field(default_factory=list)  # (n,) dataset name
@@ -70,18 +68,9 @@ class DomainData:
             "source": np.concatenate(self.source),
         }
         if self.pack.task == "multi_label":
-            out["z"] = out["logits"] - np.concatenate(self.ref)[:, None]
+            out["z"] = out["logits"]  # already relative to the reference
             out["mask"] = np.concatenate(self.mask)
         return out
-
-
-def _record_findings(pack: KnowledgePack, manifest: Manifest, rec: Record) -> list[str]:
-    out: list[str] = []
-    for lab in rec.labels:
-        fid = pack.map_label(manifest.vocab_of(rec), lab)
-        if fid is not None and fid not in out:
-            out.append(fid)
-    return out
 
 
 def _val_records(manifest: Manifest, limit: int | None) -> list[Record]:
@@ -95,22 +84,22 @@ def collect(
     data: Sequence[str],
     limit: int | None = None,
     advance_factory: AdvanceFactory | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, DomainData]:
     """Scaled similarities of every labelled validation image, grouped by domain.
 
-    Embeddings come from the evaluation's cache (``embed_records``): for lite, the frozen
+    Embeddings come through the embedding cache (``embed_records``): for lite, the frozen
     backbone features training already computed, so this costs one head pass.
     """
     from medlens.evaluation.protocols import embed_records
 
-    prompt_cache = get_settings().cache_dir / "prompts"
-    scale = float(encoder.logit_scale)
+    prompt_cache = cache_dir or get_settings().cache_dir  # the one embedding cache
     domains: dict[str, DomainData] = {}
     for name in data:
         manifest = load_dataset(name)
         pack = load_domain(manifest.domain)
         recs = _val_records(manifest, limit)
-        found = [_record_findings(pack, manifest, r) for r in recs]
+        found = [pack.findings_for(manifest.vocab_of(r), r.labels) for r in recs]
         keep = [i for i, f in enumerate(found) if f]
         if not keep:
             continue
@@ -120,16 +109,13 @@ def collect(
         total = len(recs) * (1 + len(flips))
         adv = advance_factory(f"{name} ({SPLIT})", total) if advance_factory else None
         emb = embed_records(encoder, manifest, recs, adv, flips)
-        cls = zeroshot.finding_embeddings(encoder, pack, prompt_cache)
         d = domains.setdefault(pack.id, DomainData(pack))
-        d.logits.append(zeroshot.similarity_logits(emb, cls, scale))
+        d.logits.append(scoring.finding_logits(encoder, pack, emb, prompt_cache))
         d.source.append(np.array([name] * len(recs)))
         ids = pack.finding_ids
         if pack.task == "single_label":
             d.targets.append(np.array([ids.index(f[0]) for f in found]))
             continue
-        ref = zeroshot.reference_embedding(encoder, pack, prompt_cache)
-        d.ref.append(scale * (emb @ ref))
         covered = np.array([manifest.vocab in f.labels for f in pack.findings])
         hot = np.zeros((len(recs), len(ids)), np.float32)
         for i, fs in enumerate(found):
@@ -149,10 +135,7 @@ def probabilities(
 ) -> np.ndarray:
     """(N, K) probabilities as the pipeline computes them at ``temperature`` (and the
     per-finding ``bias`` of single-label domains)."""
-    if task == "single_label":
-        z = d["logits"] if bias is None else d["logits"] + bias
-        return zeroshot.single_label_probs(z, temperature)
-    return zeroshot.sigmoid(d["z"] / float(temperature))
+    return scoring.probabilities(d["logits"], task, temperature, bias)
 
 
 def _ece(d: dict[str, np.ndarray], task: str, p: np.ndarray, rows: np.ndarray) -> float:
@@ -253,14 +236,16 @@ def _thresholds(
 
 def calibrate(
     encoder_name: str = "lite",
-    data: Sequence[str] = DEFAULT_DATA,
+    data: Sequence[str] | None = None,
     target_sensitivity: float = 0.90,
     *,
     encoder: Any = None,
     limit: int | None = None,
     advance_factory: AdvanceFactory | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Fit temperatures and choose urgent-finding thresholds on validation splits.
+    """Fit temperatures and choose urgent-finding thresholds on validation splits
+    (embeddings through the cache in ``cache_dir``, default ``MEDLENS_HOME/cache``).
 
     Returns ``{"temperature": {domain: T}, "thresholds": {domain: {finding: t}},
     "target_sensitivity", "fitted_on", "report"}``; ``report`` holds ECE/NLL before and
@@ -269,13 +254,14 @@ def calibrate(
     """
     if not 0.0 < target_sensitivity <= 1.0:
         raise ConfigError("target sensitivity must be in (0, 1]")
+    data = training_datasets() if data is None else tuple(data)
     if not data:
         raise ConfigError("give at least one dataset to calibrate on")
     if encoder is None:
         from medlens.models import load_encoder
 
         encoder = load_encoder(encoder_name)
-    domains = collect(encoder, data, limit, advance_factory)
+    domains = collect(encoder, data, limit, advance_factory, cache_dir)
     if not domains:
         raise ConfigError(f"no labelled {SPLIT} images in {', '.join(data)}")
     out: dict[str, Any] = {
@@ -368,3 +354,14 @@ def write_calibration(heads_path: Path | str, calibration: dict[str, Any]) -> Pa
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_card_calibration(encoder: Any, calibration: dict[str, Any], cards_dir: Path) -> Path:
+    """Store ``calibration`` in the model card of ``encoder`` under ``cards_dir`` (keyed by
+    its fingerprint): how any backend (open_clip, hf, a local lite) is calibrated."""
+    from dataclasses import replace
+
+    from medlens.models.card import Calibration, card_for, write_card
+
+    card = replace(card_for(encoder), calibration=Calibration.from_dict(calibration))
+    return write_card(card, cards_dir)

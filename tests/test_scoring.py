@@ -1,0 +1,111 @@
+"""The one scoring rule and the model card, on arrays (no data needed), plus the card
+lookup order on the real lite encoder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medlens.analysis import scoring
+from medlens.knowledge import load_domain
+from medlens.models.base import l2_normalize
+from medlens.models.card import Calibration, card_for, write_card
+
+rng = np.random.default_rng(0)
+
+
+def _unit(n: int, d: int = 16) -> np.ndarray:
+    return l2_normalize(rng.normal(size=(n, d)))
+
+
+def test_logits_are_scaled_cosines_relative_to_the_reference() -> None:
+    img, cls, ref = _unit(4), _unit(3), _unit(1)
+    z = scoring.logits_from(img, cls, 20.0)
+    np.testing.assert_allclose(z, 20.0 * img @ cls.T, rtol=1e-6)
+    zr = scoring.logits_from(img, cls, 20.0, ref)
+    np.testing.assert_allclose(zr, 20.0 * (img @ cls.T - img @ ref.T), rtol=1e-5, atol=1e-5)
+
+
+def test_differential_is_softmax_of_offset_logits_over_temperature() -> None:
+    z = rng.normal(size=(5, 4)) * 3
+    b = np.array([0.5, -1.0, 0.0, 2.0])
+    p = scoring.probabilities(z, "single_label", 2.0, b)
+    e = np.exp((z + b) / 2.0)
+    np.testing.assert_allclose(p, e / e.sum(1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-6)
+
+
+def test_multi_label_is_an_independent_sigmoid_per_finding() -> None:
+    z = rng.normal(size=(5, 4)) * 3
+    p = scoring.probabilities(z, "multi_label", 0.5)
+    np.testing.assert_allclose(p, 1 / (1 + np.exp(-z / 0.5)), rtol=1e-6)
+    assert not np.allclose(p.sum(1), 1.0)
+
+
+def test_calibrated_restricts_the_differential_to_the_given_columns() -> None:
+    pack = load_domain("dermatology")
+    k = len(pack.finding_ids)
+    z = rng.normal(size=(3, k))
+    cal = Calibration.from_dict(
+        {"temperature": {"dermatology": 1.5}, "bias": {"dermatology": {"melanoma": 1.0}}}
+    )
+    cols = [pack.finding_ids.index(f) for f in ("melanoma", "melanocytic_nevus", "dermatofibroma")]
+    p = scoring.calibrated(z, pack, cal, columns=cols)
+    b = cal.bias_for("dermatology", pack.finding_ids)[cols]
+    assert b[0] == 1.0 and b[1] == 0.0
+    np.testing.assert_allclose(p, scoring.probabilities(z[:, cols], "single_label", 1.5, b))
+    assert p.shape == (3, 3)
+
+
+def test_fusion_adds_weighted_symptom_logits_and_none_is_image_only() -> None:
+    a, b = rng.normal(size=(2, 4)), rng.normal(size=(2, 4))
+    np.testing.assert_allclose(scoring.fuse(a, b, 0.5), a + 0.5 * b)
+    assert scoring.fuse(a, None, 0.5) is a
+
+
+def test_calibration_round_trip_and_id() -> None:
+    raw = {
+        "temperature": {"dermatology": 1.2},
+        "bias": {"dermatology": {"melanoma": -0.3}},
+        "thresholds": {"dermatology": {"melanoma": 0.04}},
+        "report": {"note": "kept"},
+    }
+    cal = Calibration.from_dict(raw)
+    assert cal.temperature_for("dermatology") == 1.2 and cal.temperature_for("chest_xray") == 1.0
+    assert cal.thresholds_for("dermatology") == {"melanoma": 0.04}
+    assert Calibration.from_dict(cal.to_dict()) == cal
+    assert cal.id and len(cal.id) == 12
+    other = Calibration.from_dict({**raw, "thresholds": {"dermatology": {"melanoma": 0.05}}})
+    assert other.id != cal.id
+    assert Calibration().id is None and not Calibration()
+
+
+def test_card_lookup_prefers_a_home_card_keyed_by_fingerprint(tmp_path: Path) -> None:
+    from medlens.models import load_encoder
+
+    enc = load_encoder("lite")
+    shipped = card_for(enc, tmp_path)
+    assert shipped.source == "weights" and shipped.calibration
+    assert shipped.fingerprint == enc.fingerprint
+    local = Calibration.from_dict({"temperature": {"dermatology": 3.0}})
+    from dataclasses import replace
+
+    path = write_card(replace(shipped, calibration=local), tmp_path)
+    assert json.loads(path.read_text())["fingerprint"] == enc.fingerprint
+    found = card_for(enc, tmp_path)
+    assert found.source == "home" and found.calibration.temperature_for("dermatology") == 3.0
+    # A card for other weights is never applied.
+    raw = json.loads(path.read_text())
+    raw["fingerprint"] = "0" * 16
+    path.write_text(json.dumps(raw))
+    assert card_for(enc, tmp_path).source == "weights"
+
+
+@pytest.mark.parametrize("task", ["single_label", "multi_label"])
+def test_probabilities_are_finite_for_extreme_logits(task: str) -> None:
+    z = np.array([[1e4, -1e4, 0.0]])
+    p = scoring.probabilities(z, task, 1.0)
+    assert np.isfinite(p).all()
