@@ -7,7 +7,7 @@ import re
 import pytest
 
 from medlens.errors import ConfigError
-from medlens.knowledge import DOMAINS, KnowledgePack, load_domain
+from medlens.knowledge import KnowledgePack, domains, load_domain
 from medlens.knowledge.codes import (
     check_pack,
     icd10cm_exists,
@@ -45,7 +45,7 @@ def _stems(text: str) -> set[str]:
     return {w[:5] for w in words if w not in STOP_WORDS and len(w) > 1}
 
 
-@pytest.fixture(params=DOMAINS)
+@pytest.fixture(params=domains())
 def pack(request: pytest.FixtureRequest) -> KnowledgePack:
     return load_domain(request.param)
 
@@ -60,7 +60,7 @@ def _report(offenders: list[str], what: str) -> str:
 # --- every pack ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("domain_id", DOMAINS)
+@pytest.mark.parametrize("domain_id", domains())
 def test_pack_loads(domain_id: str) -> None:
     p = load_domain(domain_id)
     assert p.id == domain_id

@@ -56,7 +56,7 @@ def test_tuned_recipe_trains_tail_and_heads_only(tuned_run: tuple[Path, dict]) -
     assert metrics["minutes_preparing"] >= 0 and metrics["minutes_training"] > 0
     assert metrics["precision"] == resolve_precision("auto")  # recorded as actually run
     first, last = history[0]["loss"], history[-1]["loss"]
-    assert last["derm"] < first["derm"] and last["domain"] < first["domain"], history
+    assert last["dermatology"] < first["dermatology"] and last["domain"] < first["domain"], history
     assert {"dermamnist", "pad_ufes_20"} <= set(history[-1]["val"])  # first 48: one CXR class
     # The saved file holds heads + the tail from block 14 on; nothing of the prefix.
     state = load_file(str(out / "lite_heads.safetensors"))

@@ -65,6 +65,14 @@ class Settings:
     qdrant_shards: int = field(default_factory=lambda: _env_int("MEDLENS_QDRANT_SHARDS", 2))
     qdrant_replicas: int = field(default_factory=lambda: _env_int("MEDLENS_QDRANT_REPLICAS", 1))
     library: str = field(default_factory=lambda: os.environ.get("MEDLENS_LIBRARY", "default"))
+    # Extra knowledge-pack folders (``*.yaml``, one domain each), os.pathsep-separated.
+    knowledge_dirs: tuple[Path, ...] = field(
+        default_factory=lambda: tuple(
+            Path(p).expanduser()
+            for p in os.environ.get("MEDLENS_KNOWLEDGE_PATH", "").split(os.pathsep)
+            if p.strip()
+        )
+    )
     # Service (medlens serve / ui / demo). Auth is required whenever api_host is not loopback.
     api_host: str = field(default_factory=lambda: os.environ.get("MEDLENS_API_HOST", "127.0.0.1"))
     api_port: int = field(default_factory=lambda: _env_int("MEDLENS_API_PORT", 8000))
@@ -100,11 +108,14 @@ class Settings:
 
     @property
     def cache_dir(self) -> Path:
+        """The embedding cache (``medlens.embeddings``): vectors keyed by content hash,
+        never by file name or patient identifier; safe to delete."""
         return self.home / "cache"
 
     @property
-    def models_dir(self) -> Path:
-        return self.home / "models"
+    def cards_dir(self) -> Path:
+        """Model cards (calibration) written by ``medlens calibrate``, one per fingerprint."""
+        return self.home / "cards"
 
     @property
     def logs_dir(self) -> Path:

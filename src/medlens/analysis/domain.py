@@ -1,7 +1,7 @@
-"""Domain auto-detection (skin photo / dermoscopy vs chest X-ray).
+"""Domain auto-detection (skin photo / dermoscopy vs chest X-ray, and any added pack).
 
 Zero-shot against each knowledge pack's ``domain_prompts``. DICOM studies that say what
-they are (modality CR/DX/XA, body part CHEST) are taken at their word.
+they are (a pack's ``dicom`` rule: Modality, Body Part Examined) are taken at their word.
 """
 
 from __future__ import annotations
@@ -10,16 +10,13 @@ import numpy as np
 
 from medlens.analysis.zeroshot import embed_prompt_sets, softmax
 from medlens.io.types import StudyContext
-from medlens.knowledge import DOMAINS, load_domain
+from medlens.knowledge import domains, load_domain
 from medlens.models.base import Encoder
-
-XRAY_MODALITIES = frozenset({"CR", "DX", "RG", "DR"})
-DERM_MODALITIES = frozenset({"XC", "VL", "DMS"})  # external camera, visible light, dermoscopy
 
 
 def domain_embeddings(encoder: Encoder, cache_dir=None) -> np.ndarray:
-    """(n_domains, dim): one prompt ensemble per domain, in ``DOMAINS`` order."""
-    sets = [list(load_domain(d).domain.domain_prompts) for d in DOMAINS]
+    """(n_domains, dim): one prompt ensemble per domain, in ``domains()`` order."""
+    sets = [list(load_domain(d).domain.domain_prompts) for d in domains()]
     return embed_prompt_sets(encoder, sets, cache_dir)
 
 
@@ -34,12 +31,17 @@ def domain_scores(
 
 
 def domain_from_context(context: StudyContext | None) -> str | None:
+    """The domain whose ``dicom`` rule the study's header matches, if any."""
     if context is None or context.source_format != "dicom":
         return None
-    if (context.modality or "").upper() in XRAY_MODALITIES and (
-        context.body_part or "CHEST"
-    ).upper() in {"CHEST", "THORAX", "LUNG"}:
-        return "chest_xray"
-    if (context.modality or "").upper() in DERM_MODALITIES:
-        return "dermatology"
+    modality = (context.modality or "").upper()
+    body_part = (context.body_part or "").upper()
+    for d in domains():
+        rule = load_domain(d).domain.dicom
+        if modality not in rule.modalities:
+            continue
+        if not rule.body_parts:
+            return d
+        if body_part in rule.body_parts or (not body_part and rule.body_part_default):
+            return d
     return None

@@ -1,7 +1,7 @@
 """Triage: a risk level and its reason from scored findings and the packs' risk levels.
 
 A finding raises the triage to its own risk level when its probability reaches the
-threshold for that level. Thresholds are data (``triage_policy.yaml``) until a model
+threshold for that level. Thresholds are data (each pack's ``triage_thresholds``) until a model
 ships per-finding thresholds chosen for sensitivity (``thresholds`` argument), which
 then take precedence. The highest level reached wins, whatever the top-1 finding is:
 a 30 % melanoma under a 60 % naevus is still urgent.
@@ -9,42 +9,34 @@ a 30 % melanoma under a 60 % naevus is still urgent.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
-from importlib import resources
 from typing import Any
 
-import yaml
+from pydantic import BaseModel, ConfigDict, Field
 
-from medlens.knowledge import RISK_ORDER, KnowledgePack
+from medlens.knowledge import RISK_ORDER, KnowledgePack, load_domain
+from medlens.knowledge.schema import Risk
 
 
-@dataclass(frozen=True)
-class Triage:
-    level: str  # "urgent" | "soon" | "routine"
+class Triage(BaseModel):
+    """The triage of one image (the ``triage`` object of the analysis JSON)."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", json_schema_serialization_defaults_required=True
+    )
+
+    level: Risk
     reason: str
-    triggered_by: tuple[str, ...] = ()  # finding ids that set the level
+    triggered_by: tuple[str, ...] = Field(default=(), description="finding ids that set the level")
     next_step: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "level": self.level,
-            "reason": self.reason,
-            "triggered_by": list(self.triggered_by),
-            "next_step": self.next_step,
-        }
-
-
-@lru_cache(maxsize=1)
-def default_policy() -> dict[str, Any]:
-    text = resources.files("medlens.analysis").joinpath("triage_policy.yaml").read_text("utf-8")
-    return yaml.safe_load(text)
+        return self.model_dump(mode="json")
 
 
 def level_thresholds(domain_id: str) -> dict[str, float]:
-    """Probability at which a finding of each risk level raises the triage, per domain."""
-    policy = default_policy()
-    return {**policy["default"], **policy.get("domains", {}).get(domain_id, {})}
+    """Probability at which a finding of each risk level raises the triage, per domain
+    (the pack's ``triage_thresholds``)."""
+    return dict(load_domain(domain_id).domain.triage_thresholds)
 
 
 def triage(
@@ -73,7 +65,9 @@ def triage(
         if top is not None:
             reason += f"; most likely: {pack.finding(top).name} ({probabilities[top]:.0%})"
         return Triage(
-            "routine", reason, (), "Routine review; reassess if the lesion or symptoms change."
+            level="routine",
+            reason=reason,
+            next_step="Routine review; reassess if the lesion or symptoms change.",
         )
     hits.sort(reverse=True)
     best_rank = hits[0][0]

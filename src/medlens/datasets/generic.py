@@ -17,10 +17,10 @@ from medlens.errors import ConfigError, DatasetError
 
 
 def _check_domain(domain: str) -> str:
-    from medlens.knowledge import DOMAINS
+    from medlens.knowledge import domains
 
-    if domain not in DOMAINS:
-        raise ConfigError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
+    if domain not in domains():
+        raise ConfigError(f"unknown domain {domain!r}; choose one of {', '.join(domains())}")
     return domain
 
 

@@ -1,7 +1,7 @@
 """One manifest type for every dataset: records with labels, text, group and split.
 
 Labels stay in the dataset's own vocabulary (``Manifest.vocab``); the knowledge packs map
-them to findings (``KnowledgePack.map_label``), so a dataset loader never hard-codes
+them to findings (``KnowledgePack.findings_for``), so a dataset loader never hard-codes
 clinical knowledge.
 """
 

@@ -8,26 +8,69 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable, Sequence
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 import yaml
 
 from medlens.errors import ConfigError
 from medlens.knowledge.schema import RISK_ORDER, Description, Domain, Finding
 
-DOMAINS: tuple[str, ...] = ("dermatology", "chest_xray")
-
 __all__ = [
-    "DOMAINS",
     "RISK_ORDER",
     "Description",
     "Domain",
     "Finding",
     "KnowledgePack",
+    "domains",
     "load_domain",
     "pack_hash",
+    "training_datasets",
+    "use_pack_dirs",
 ]
+
+# Folders of extra packs (``MEDLENS_KNOWLEDGE_PATH``), set by the entry points.
+_extra_dirs: tuple[Path, ...] = ()
+
+
+def use_pack_dirs(dirs: Sequence[Path | str]) -> None:
+    """Discover packs in ``dirs`` too (after the packaged ones). Entry points call this
+    with ``Settings.knowledge_dirs``; a pack there may not reuse a packaged id."""
+    global _extra_dirs
+    new = tuple(Path(d).expanduser() for d in dirs)
+    if new != _extra_dirs:
+        _extra_dirs = new
+        _sources.cache_clear()
+        load_domain.cache_clear()
+        domains.cache_clear()
+
+
+@cache
+def _sources() -> dict[str, str]:
+    """Pack id (file stem) → YAML text, packaged packs first."""
+    out: dict[str, str] = {}
+    builtin = resources.files("medlens.knowledge")
+    for entry in sorted(builtin.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            out[entry.name[: -len(".yaml")]] = entry.read_text("utf-8")
+    for folder in _extra_dirs:
+        if not folder.is_dir():
+            raise ConfigError(f"knowledge pack folder {folder} does not exist")
+        for path in sorted(folder.glob("*.yaml")):
+            if path.stem in out:
+                raise ConfigError(f"knowledge pack {path} reuses the domain id {path.stem!r}")
+            out[path.stem] = path.read_text("utf-8")
+    return out
+
+
+@cache
+def domains() -> tuple[str, ...]:
+    """Every domain id, discovered from the ``*.yaml`` packs, in the packs' ``order``."""
+    ids = list(_sources())
+    return tuple(sorted(ids, key=lambda d: (load_domain(d).domain.order, ids.index(d))))
 
 
 class KnowledgePack:
@@ -88,6 +131,31 @@ class KnowledgePack:
             return None
         raise ConfigError(f"{self.domain.id}: dataset label {vocab}:{label!r} maps to no finding")
 
+    def findings_for(
+        self, vocab: str, labels: Iterable[str], *, unknown: str = "raise"
+    ) -> list[str]:
+        """The finding ids of a record's dataset ``labels`` (in vocabulary ``vocab``):
+        in label order, without repeats, declared-unlabelled labels dropped. The ONE
+        label → finding mapping every loader, metric, calibration and index uses.
+
+        ``unknown="raise"`` (default) refuses a label the pack does not know; ``"skip"``
+        drops it (a case library keeps such labels as text, unmapped).
+        """
+        out: list[str] = []
+        for lab in labels:
+            if unknown == "skip" and not self.knows_label(vocab, lab):
+                continue
+            fid = self.map_label(vocab, lab)
+            if fid is not None and fid not in out:
+                out.append(fid)
+        return out
+
+    def candidates(self, vocab: str, labels: Iterable[str]) -> list[str]:
+        """Findings a dataset's label set maps to, in the pack's order (the classes of a
+        differential restricted to that dataset)."""
+        mapped = set(self.findings_for(vocab, labels))
+        return [f for f in self.finding_ids if f in mapped]
+
     def knows_label(self, vocab: str, label: str) -> bool:
         key = label.strip().casefold()
         return (vocab, key) in self._by_label or key in {
@@ -95,16 +163,21 @@ class KnowledgePack:
         }
 
 
-def pack_hash(domain_id: str) -> str:
-    import hashlib
+def training_datasets() -> tuple[str, ...]:
+    """The datasets the default model is trained and calibrated on: every pack's
+    ``training_datasets``, in domain order."""
+    return tuple(d for dom in domains() for d in load_domain(dom).domain.training_datasets)
 
+
+def pack_hash(domain_id: str) -> str:
     return hashlib.sha256(_read(domain_id).encode()).hexdigest()[:16]
 
 
 def _read(domain_id: str) -> str:
-    if domain_id not in DOMAINS:
-        raise ConfigError(f"unknown domain {domain_id!r}; choose one of {', '.join(DOMAINS)}")
-    return resources.files("medlens.knowledge").joinpath(f"{domain_id}.yaml").read_text("utf-8")
+    sources = _sources()
+    if domain_id not in sources:
+        raise ConfigError(f"unknown domain {domain_id!r}; choose one of {', '.join(sources)}")
+    return sources[domain_id]
 
 
 @cache
@@ -115,4 +188,6 @@ def load_domain(domain_id: str) -> KnowledgePack:
         domain = Domain.model_validate(raw)
     except Exception as exc:  # pydantic.ValidationError: make the file name explicit
         raise ConfigError(f"knowledge pack {domain_id}.yaml is invalid: {exc}") from exc
+    if domain.id != domain_id:
+        raise ConfigError(f"knowledge pack {domain_id}.yaml declares id {domain.id!r}")
     return KnowledgePack(domain, pack_hash(domain_id))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Risk = Literal["urgent", "soon", "routine"]
 RISK_ORDER: dict[str, int] = {"routine": 0, "soon": 1, "urgent": 2}
@@ -65,13 +65,37 @@ class Finding(BaseModel):
         return sctid
 
 
+class DicomRule(BaseModel):
+    """When a DICOM header alone names this domain (Modality, Body Part Examined)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    modalities: tuple[str, ...] = ()  # e.g. CR, DX; upper case
+    # Accepted BodyPartExamined values; empty = any. A missing tag is taken as the
+    # domain's own body part only when ``body_part_default`` is true.
+    body_parts: tuple[str, ...] = ()
+    body_part_default: bool = False
+
+
 class Domain(BaseModel):
-    """One imaging domain: its findings and how they are scored."""
+    """One imaging domain: its findings and how they are scored, detected and triaged.
+
+    A domain is a YAML file: adding one needs no code (see docs/architecture.md).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(pattern=r"^[a-z0-9_]+$")
     name: str
+    # Position among the domains (detection scores, tables); ties keep discovery order.
+    order: int = 100
+    # Probability at which a finding of each risk level raises the triage, until a model
+    # card ships per-finding thresholds chosen on validation for a target sensitivity.
+    triage_thresholds: dict[Literal["urgent", "soon"], float] = {"urgent": 0.20, "soon": 0.35}
+    dicom: DicomRule = DicomRule()
+    # Datasets (``medlens.datasets`` names) whose train/val splits the default model is
+    # trained and calibrated on.
+    training_datasets: tuple[str, ...] = ()
     # single_label: softmax over findings (a differential); multi_label: per-finding sigmoid
     task: Literal["single_label", "multi_label"]
     # Phrases that describe an image of this domain at all (used for domain auto-detection).
@@ -85,6 +109,15 @@ class Domain(BaseModel):
     findings: tuple[Finding, ...]
     # dataset label vocabulary -> labels that carry no diagnosis (e.g. "todo", "Unknown")
     unlabelled: dict[str, tuple[str, ...]] = {}
+
+    @model_validator(mode="after")
+    def _reference_for_multi_label(self) -> Domain:
+        if self.task == "multi_label" and not self.reference_prompts:
+            raise ValueError(
+                "a multi_label pack needs reference_prompts (the 'normal study' each "
+                "finding is scored against)"
+            )
+        return self
 
     @field_validator("findings")
     @classmethod

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from medlens.knowledge import DOMAINS, load_domain
+from medlens.knowledge import domains, load_domain
 from medlens.retrieval.library import DEFAULT_LIBRARY, collections_for, read_library, search
 from medlens.retrieval.store import open_store
 
@@ -66,7 +66,7 @@ class LibraryCaseSearch:
         findings = list(row.get("findings") or [])
         label = findings[0] if findings else None
         name = None
-        if label and row.get("domain") in DOMAINS:
+        if label and row.get("domain") in domains():
             name = load_domain(row["domain"]).finding(label).name
         out = {
             "id": row.get("point_id"),

@@ -11,11 +11,14 @@ Two recipes share one objective:
 - *heads-only* (``tune_from=None``): the backbones stay frozen, their features are cached
   once, and only the two projection heads and the logit scale train, with class weights.
 
-The objective is CLIP-style contrastive alignment with label-aware targets:
+The objective is CLIP-style contrastive alignment with label-aware targets, built per
+knowledge pack (``knowledge.domains()``) from the pack's ``task``, so a new domain is a
+new YAML file and no code:
 
-- images against their finding's prompt ensemble (softmax over the dermatology findings;
-  per-finding sigmoid against the "normal study" reference for chest X-ray, masked to the
-  findings each dataset actually labels),
+- images against their finding's prompt ensemble: softmax cross-entropy over the pack's
+  findings for a ``single_label`` pack (dermatology), per-finding sigmoid against the
+  pack's "normal study" reference for a ``multi_label`` pack (chest X-ray), masked to the
+  findings each dataset actually labels,
 - images against their domain's prompts (so ``domain=auto`` works),
 - images against their own free text (COVID-19 clinical notes, PAD-UFES-20 symptom
   sentences) with a symmetric InfoNCE whose targets treat identical texts as positives.
@@ -25,8 +28,10 @@ Exactly the same prompt ensembles are used at inference (``analysis.zeroshot``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -37,18 +42,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medlens.analysis import scoring
 from medlens.datasets import load_dataset
 from medlens.datasets.manifest import Manifest, Record
 from medlens.errors import ConfigError
-from medlens.knowledge import DOMAINS, KnowledgePack, load_domain
-from medlens.training.features import cached_features
-
-DEFAULT_DATA = ("dermamnist", "pad_ufes_20", "dermnet", "covid_chestxray", "pneumoniamnist")
+from medlens.knowledge import KnowledgePack, domains, load_domain, training_datasets
 
 
 @dataclass
 class AlignConfig:
-    data: tuple[str, ...] = DEFAULT_DATA
+    # Default: every knowledge pack's ``training_datasets``.
+    data: tuple[str, ...] = field(default_factory=training_datasets)
     epochs: int = 20
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -120,13 +124,18 @@ def _autocast(precision: str, device: str) -> Any:
 
 @dataclass
 class Table:
-    """Everything the loop needs, as aligned arrays over all training images."""
+    """Everything the loop needs, as aligned arrays over all training images.
+
+    ``target`` and ``mask`` hold one column per knowledge pack (keyed by domain id, in
+    ``knowledge.domains()`` order): a single-label pack's target is the (N,) finding index
+    in that pack (-1 = none: another domain or unlabelled); a multi-label pack's is the
+    (N, K) multi-hot over its K findings, with an (N, K) ``mask`` that is 1 where the
+    image's dataset labels that finding (0 for other domains' images)."""
 
     feats: np.ndarray  # (N, F) backbone features
-    domain: np.ndarray  # (N,) index into DOMAINS
-    derm: np.ndarray  # (N,) finding index in the dermatology pack, -1 = none
-    cxr: np.ndarray  # (N, K) multi-hot chest findings
-    cxr_mask: np.ndarray  # (N, K) 1 where the dataset labels that finding
+    domain: np.ndarray  # (N,) index into knowledge.domains()
+    target: dict[str, np.ndarray]  # domain id -> (N,) class index or (N, K) multi-hot
+    mask: dict[str, np.ndarray]  # multi-label domain id -> (N, K) coverage
     text: np.ndarray  # (N,) index into texts, -1 = none
     weight: np.ndarray  # (N,) class-balancing weight
     source: np.ndarray  # (N,) dataset name
@@ -143,34 +152,41 @@ def build_table(
     features: list[np.ndarray] | None,
     balance: bool,
 ) -> Table:
-    derm, cxr = load_domain("dermatology"), load_domain("chest_xray")
-    derm_index = {f.id: i for i, f in enumerate(derm.findings)}
-    cxr_index = {f.id: i for i, f in enumerate(cxr.findings)}
-    rows: dict[str, list[Any]] = {
-        k: [] for k in ("domain", "derm", "cxr", "mask", "text", "cls", "src")
-    }
+    ids = domains()
+    packs = {d: load_domain(d) for d in ids}
+    index = {d: {f.id: i for i, f in enumerate(p.findings)} for d, p in packs.items()}
+    multi = [d for d in ids if packs[d].task == "multi_label"]
+    # Per pack: single-label → class indices (-1 = none); multi-label → multi-hot rows
+    # and their coverage rows. Other domains' images get -1 / zeros.
+    target: dict[str, list[Any]] = {d: [] for d in ids}
+    mask: dict[str, list[np.ndarray]] = {d: [] for d in multi}
+    none = {d: np.zeros(len(packs[d].findings), np.float32) for d in multi}
+    rows: dict[str, list[Any]] = {k: [] for k in ("domain", "text", "cls", "src")}
     texts: dict[str, int] = {}
     for manifest, records in manifests:
-        pack = load_domain(manifest.domain)
-        covered = np.zeros(len(cxr.findings), np.float32)
-        if manifest.domain == "chest_xray":
-            covered[_vocab_findings(cxr, manifest.vocab)] = 1.0
+        own = manifest.domain
+        pack = packs[own]
+        covered = np.zeros(len(pack.findings), np.float32)
+        if own in mask:
+            covered[_vocab_findings(pack, manifest.vocab)] = 1.0
         for r in records:
-            fids = [fid for lab in r.labels if (fid := pack.map_label(manifest.vocab, lab))]
-            rows["domain"].append(DOMAINS.index(manifest.domain))
+            fids = pack.findings_for(manifest.vocab, r.labels)
+            rows["domain"].append(ids.index(own))
             rows["src"].append(manifest.name)
-            hot = np.zeros(len(cxr.findings), np.float32)
-            if manifest.domain == "dermatology":
-                rows["derm"].append(derm_index[fids[0]] if fids else -1)
-                rows["mask"].append(np.zeros_like(covered))
-                rows["cls"].append(f"{manifest.name}:{fids[0] if fids else '-'}")
-            else:
-                rows["derm"].append(-1)
-                for fid in fids:
-                    hot[cxr_index[fid]] = 1.0
-                rows["mask"].append(covered if fids else np.zeros_like(covered))
+            for d in ids:
+                if d in mask:
+                    hot = np.zeros(len(packs[d].findings), np.float32)
+                    if d == own:
+                        for fid in fids:
+                            hot[index[d][fid]] = 1.0
+                    target[d].append(hot)
+                    mask[d].append(covered if d == own and fids else none[d])
+                else:
+                    target[d].append(index[d][fids[0]] if d == own and fids else -1)
+            if own in mask:
                 rows["cls"].append(f"{manifest.name}:{'+'.join(sorted(fids)) or '-'}")
-            rows["cxr"].append(hot)
+            else:
+                rows["cls"].append(f"{manifest.name}:{fids[0] if fids else '-'}")
             if r.text:
                 rows["text"].append(texts.setdefault(r.text, len(texts)))
             else:
@@ -196,9 +212,11 @@ def build_table(
             else np.zeros((len(cls), 0), np.float32)
         ),
         domain=np.array(rows["domain"], np.int64),
-        derm=np.array(rows["derm"], np.int64),
-        cxr=np.stack(rows["cxr"]),
-        cxr_mask=np.stack(rows["mask"]),
+        target={
+            d: _stack(v, len(packs[d].findings)) if d in mask else np.array(v, np.int64)
+            for d, v in target.items()
+        },
+        mask={d: _stack(v, len(packs[d].findings)) for d, v in mask.items()},
         text=np.array(rows["text"], np.int64),
         weight=w.astype(np.float32),
         source=np.array(rows["src"]),
@@ -207,17 +225,31 @@ def build_table(
     )
 
 
+def _stack(rows: list[np.ndarray], width: int) -> np.ndarray:
+    return np.stack(rows) if rows else np.zeros((0, width), np.float32)
+
+
 class PromptBank:
-    """Backbone text features of every prompt the heads must align to, computed once."""
+    """Backbone text features of every prompt the heads must align to, computed once.
+
+    Groups (each a list of prompt ensembles), per pack in ``knowledge.domains()`` order:
+    ``findings/<domain>`` (one ensemble per finding) and, for a multi-label pack,
+    ``reference/<domain>`` (its "normal study" prompts); then ``domains`` (one ensemble
+    of domain prompts per pack, in domain order: the domain-classification target)."""
 
     def __init__(self, encoder: Any):
-        derm, cxr = load_domain("dermatology"), load_domain("chest_xray")
-        self.groups: dict[str, list[list[str]]] = {
-            "derm": [list(f.prompts) for f in derm.findings],
-            "cxr": [list(f.prompts) for f in cxr.findings],
-            "ref": [list(cxr.domain.reference_prompts)],
-            "domain": [list(load_domain(d).domain.domain_prompts) for d in DOMAINS],
-        }
+        self.groups: dict[str, list[list[str]]] = {}
+        for d in domains():
+            pack = load_domain(d)
+            self.groups[f"findings/{d}"] = [list(f.prompts) for f in pack.findings]
+            if pack.task == "multi_label":
+                if not pack.domain.reference_prompts:
+                    raise ConfigError(
+                        f"knowledge pack {d!r} is multi_label but has no reference_prompts "
+                        "(each finding is scored against that reference)"
+                    )
+                self.groups[f"reference/{d}"] = [list(pack.domain.reference_prompts)]
+        self.groups["domains"] = [list(load_domain(d).domain.domain_prompts) for d in domains()]
         flat = [t for groups in self.groups.values() for g in groups for t in g]
         self.feats = encoder.text_features(flat)
         self.slices: dict[str, list[slice]] = {}
@@ -253,23 +285,27 @@ def batch_loss(
         img = F.normalize(enc.image_head(torch.from_numpy(table.feats[idx])), dim=-1)
     scale = enc.logit_scale_param.exp().clamp(max=100.0)
     w = torch.from_numpy(table.weight[idx])
+    # Parts: one finding loss per pack (named by domain id), then "domain" and "text".
     parts: dict[str, torch.Tensor] = {}
 
-    derm_t = torch.from_numpy(table.derm[idx])
-    sel = derm_t >= 0
-    if sel.any():
-        ce = F.cross_entropy(scale * img[sel] @ cls["derm"].T, derm_t[sel], reduction="none")
-        parts["derm"] = (ce * w[sel]).sum() / w[sel].sum()
+    for d, column in table.target.items():
+        if d in table.mask:  # multi-label: masked BCE of each finding vs the reference
+            mask = torch.from_numpy(table.mask[d][idx])
+            if mask.sum() > 0:
+                z = scale * (img @ cls[f"findings/{d}"].T - img @ cls[f"reference/{d}"].T)
+                bce = F.binary_cross_entropy_with_logits(
+                    z, torch.from_numpy(column[idx]), reduction="none"
+                )
+                parts[d] = (bce * mask * w[:, None]).sum() / (mask * w[:, None]).sum()
+        else:  # single-label: weighted softmax cross-entropy over the pack's findings
+            y = torch.from_numpy(column[idx])
+            sel = y >= 0
+            if sel.any():
+                logits = scale * img[sel] @ cls[f"findings/{d}"].T
+                ce = F.cross_entropy(logits, y[sel], reduction="none")
+                parts[d] = (ce * w[sel]).sum() / w[sel].sum()
 
-    mask = torch.from_numpy(table.cxr_mask[idx])
-    if mask.sum() > 0:
-        z = scale * (img @ cls["cxr"].T - img @ cls["ref"].T)
-        bce = F.binary_cross_entropy_with_logits(
-            z, torch.from_numpy(table.cxr[idx]), reduction="none"
-        )
-        parts["cxr"] = (bce * mask * w[:, None]).sum() / (mask * w[:, None]).sum()
-
-    dom = F.cross_entropy(scale * img @ cls["domain"].T, torch.from_numpy(table.domain[idx]))
+    dom = F.cross_entropy(scale * img @ cls["domains"].T, torch.from_numpy(table.domain[idx]))
     parts["domain"] = cfg.domain_weight * dom
 
     tix = table.text[idx]
@@ -288,29 +324,43 @@ def batch_loss(
 
 
 def evaluate_heads(enc: Any, bank: PromptBank, table: Table) -> dict[str, float]:
-    """Validation scores per dataset: balanced accuracy (restricted to the dataset's
-    findings) for dermatology, macro AUROC over labelled findings for chest X-ray."""
+    """Validation scores per dataset, by its pack's task: balanced accuracy (restricted
+    to the dataset's findings) for a single-label pack, macro AUROC over the labelled
+    findings for a multi-label pack."""
     from medlens.evaluation.metrics import balanced_accuracy, macro_auroc
 
     with torch.no_grad():
         cls = bank.embed(enc.text_head)
         img = F.normalize(enc.image_head(torch.from_numpy(table.feats)), dim=-1)
-        derm_logits = (img @ cls["derm"].T).numpy()
-        cxr_z = (img @ cls["cxr"].T - img @ cls["ref"].T).numpy()
+        img = img.numpy()
+    # The one scoring rule (ranking only: the scale does not change an argmax or an AUROC).
+    ids = domains()
+    logits = {
+        d: scoring.logits_from(
+            img,
+            cls[f"findings/{d}"].numpy(),
+            1.0,
+            cls[f"reference/{d}"].numpy() if d in table.mask else None,
+        )
+        for d in table.target
+    }
     scores: dict[str, float] = {}
     for src in np.unique(table.source):
         rows = table.source == src
-        if (table.derm[rows] >= 0).any():
-            y = table.derm[rows]
+        d = ids[int(table.domain[rows][0])]  # a dataset belongs to one domain
+        if d not in table.mask:
+            y = table.target[d][rows]
             keep = y >= 0
-            cand = np.unique(y[keep])
-            pred = cand[np.argmax(derm_logits[rows][keep][:, cand], axis=1)]
-            scores[str(src)] = balanced_accuracy(y[keep], pred)
-        elif table.cxr_mask[rows].any():
-            m = table.cxr_mask[rows].max(0) > 0
-            cols = [k for k in np.flatnonzero(m) if 0 < table.cxr[rows][:, k].sum() < rows.sum()]
+            if keep.any():
+                cand = np.unique(y[keep])
+                pred = cand[np.argmax(logits[d][rows][keep][:, cand], axis=1)]
+                scores[str(src)] = balanced_accuracy(y[keep], pred)
+        elif table.mask[d][rows].any():
+            hot = table.target[d][rows]
+            m = table.mask[d][rows].max(0) > 0
+            cols = [k for k in np.flatnonzero(m) if 0 < hot[:, k].sum() < rows.sum()]
             if cols:
-                scores[str(src)] = macro_auroc(table.cxr[rows][:, cols], cxr_z[rows][:, cols])
+                scores[str(src)] = macro_auroc(hot[:, cols], logits[d][rows][:, cols])
     return scores
 
 
@@ -344,16 +394,22 @@ def _features(
     cache_dir: Path,
     progress: Any,
 ) -> list[np.ndarray]:
-    """Per split: frozen-backbone features (heads-only recipe), cached on disk."""
+    """Per split: frozen-backbone features (heads-only recipe), through the embedding
+    cache under ``cache_dir`` (by image content and backbone: evaluation and calibration
+    read the same entries)."""
+    from medlens import embeddings
+
+    store = embeddings.open_store(cache_dir)
     task = progress.add_task(f"features ({label})", total=sum(len(r) for _, r in splits))
     return [
-        cached_features(
+        embeddings.record_features(
+            enc,
             m,
             recs,
-            lambda ims: enc.image_features(ims).numpy(),
-            enc.features_key,
-            cache_dir,
-            on_batch=lambda n: progress.advance(task, n),
+            store=store,
+            batch_size=64,
+            forward_batch=16,
+            progress=lambda n: progress.advance(task, n),
         )
         for m, recs in splits
     ]
@@ -371,7 +427,9 @@ def _prefix_maps(
 ) -> np.ndarray:
     """Frozen-prefix outputs (N, C, H, W) as float16 for one view of every record: view 0
     is the inference transform, others a seeded per-domain augmentation. Cached on disk
-    (keyed by backbone, tune_from, view, augmentation and seed)."""
+    per split as one .npy (keyed by backbone, tune_from, view, augmentation and seed):
+    training-internal spatial maps, not embeddings, and an augmented view depends on the
+    whole split's random stream, so they stay out of ``medlens.embeddings``."""
     from medlens.training.lora import AUGMENT_VERSION, make_augment
 
     augment = make_augment(seed_size=enc.image_size) if view else None
@@ -397,17 +455,51 @@ def _prefix_maps(
 
         torch.manual_seed(seed * 1000 + view * 100 + i)  # only drawn from on a cache miss
         out.append(
-            cached_features(
+            _cached_maps(
                 m,
                 recs,
                 extract,
                 key,
                 cache_dir,
                 on_batch=lambda n: progress.advance(task, n),
-                dtype=np.float16,
             )
         )
     return np.concatenate(out)
+
+
+def _cached_maps(
+    manifest: Manifest,
+    records: list[Record],
+    extract: Any,
+    key: str,
+    cache_dir: Path,
+    on_batch: Any = None,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """``extract`` (images → per-image arrays) over ``records``, 64 at a time, as one
+    float16 array cached in ``cache_dir`` per (dataset, version, record ids, key) and
+    written atomically."""
+    h = hashlib.sha256(f"{manifest.name}|{manifest.version}|{key}".encode())
+    for r in records:
+        h.update(r.id.encode())
+        h.update(b"\0")
+    path = cache_dir / f"{manifest.name}_{h.hexdigest()[:20]}.npy"
+    if path.is_file():
+        if on_batch:
+            on_batch(len(records))
+        return np.load(path)
+    out = []
+    for i in range(0, len(records), batch_size):
+        batch = records[i : i + batch_size]
+        out.append(np.asarray(extract([manifest.image(r) for r in batch]), dtype=np.float16))
+        if on_batch:
+            on_batch(len(batch))
+    maps = np.concatenate(out) if out else np.zeros((0, 0), np.float16)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, maps)
+    tmp.replace(path)
+    return maps
 
 
 def _map_features(enc: Any, maps: np.ndarray, batch: int = 256) -> np.ndarray:

@@ -383,16 +383,42 @@ def low_resolution(x: torch.Tensor, sides: tuple[int, int] = (24, 72)) -> torch.
     return TF.resize(small, [h, w], antialias=True)
 
 
+def _flips(domain: str | None) -> list[Any] | None:
+    """Random flips a domain's images may take, from its pack's ``test_time_flips``; None
+    = a canonical orientation (no flips declared). Any two of horizontal, vertical and
+    both (a 180° turn) generate all of them; ``None`` (no domain known) = any flip."""
+    from torchvision.transforms import v2
+
+    if domain is None:
+        declared = {"horizontal", "vertical", "both"}
+    else:
+        from medlens.knowledge import load_domain
+
+        declared = set(load_domain(domain).domain.test_time_flips)
+    if not declared:
+        return None
+    if len(declared) >= 2:
+        return [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+    if declared == {"horizontal"}:
+        return [v2.RandomHorizontalFlip()]
+    if declared == {"vertical"}:
+        return [v2.RandomVerticalFlip()]
+    return [v2.RandomApply([v2.RandomHorizontalFlip(1.0), v2.RandomVerticalFlip(1.0)])]
+
+
 def make_augment(seed_size: int = 448) -> Callable[[np.ndarray, str | None], np.ndarray]:
-    """torchvision v2 augmentation on uint8 arrays, per domain: dermatology photos may be
-    flipped, rotated freely, colour-jittered, contrast-stretched to clipping and blurred
-    to low resolution; chest X-rays only get mild crops, rotations and
-    brightness/contrast (a flipped chest puts the heart on the wrong side).
+    """torchvision v2 augmentation on uint8 arrays, per domain, decided by its knowledge
+    pack: a domain without a canonical orientation (one with ``test_time_flips``, e.g.
+    dermatology photos) may be flipped along those axes, rotated freely, colour-jittered,
+    contrast-stretched to clipping and blurred to low resolution; a domain with a
+    canonical orientation (no ``test_time_flips``, e.g. chest X-rays: a flipped chest puts
+    the heart on the wrong side) only gets mild crops, rotations and brightness/contrast.
     Output side = the input's shorter side (capped at ``seed_size``)."""
     from torchvision.transforms import v2
 
     def build(domain: str | None, size: int) -> Any:
-        if domain == "chest_xray":
+        flips = _flips(domain)
+        if flips is None:
             return v2.Compose(
                 [
                     v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
@@ -404,8 +430,7 @@ def make_augment(seed_size: int = 448) -> Callable[[np.ndarray, str | None], np.
             [
                 v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
                 v2.RandomRotation(30),
-                v2.RandomHorizontalFlip(),
-                v2.RandomVerticalFlip(),
+                *flips,
                 v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
                 v2.RandomApply([v2.Lambda(colour_stretch)], p=0.3),
                 v2.RandomApply([v2.Lambda(low_resolution)], p=0.25),
@@ -423,7 +448,7 @@ def make_augment(seed_size: int = 448) -> Callable[[np.ndarray, str | None], np.
 
 
 def pairs_from_datasets(
-    data: Sequence[str] = ("dermamnist", "pad_ufes_20", "dermnet", "covid_chestxray"),
+    data: Sequence[str] | None = None,
     split: str | None = "train",
     *,
     limit: int | None = None,
@@ -438,10 +463,13 @@ def pairs_from_datasets(
     sentences, COVID-19 clinical notes) are paired with it as well. ``limit`` takes that
     many records per dataset, evenly spaced; ``balance`` resamples per (dataset, finding).
     ``split=None`` takes every split (datasets without splits, like ``cxr_samples``).
+    ``data`` defaults to every knowledge pack's ``training_datasets``.
     """
     from medlens.datasets import load_dataset
     from medlens.evaluation.protocols import select_records
-    from medlens.knowledge import load_domain
+    from medlens.knowledge import load_domain, training_datasets
+
+    data = training_datasets() if data is None else data
 
     rng = np.random.default_rng(seed)
     items: list[tuple[Any, Any, str, str]] = []  # (manifest, record, finding, domain)
@@ -449,7 +477,7 @@ def pairs_from_datasets(
         manifest = load_dataset(name)
         pack = load_domain(manifest.domain)
         for rec in select_records(manifest, split, limit):
-            fids = [f for lab in rec.labels if (f := pack.map_label(manifest.vocab_of(rec), lab))]
+            fids = pack.findings_for(manifest.vocab_of(rec), rec.labels)
             if fids:
                 items.append((manifest, rec, fids[0], pack.id))
     classes = [f"{m.name}:{f}" for m, _, f, _ in items]
