@@ -128,6 +128,17 @@ def index_images(dirs: Iterable[Path], recursive: bool = False) -> dict[str, Pat
     return out
 
 
+def rows_with_images(
+    name: str, rows: list[dict[str, str]], images: Mapping[str, Path], column: str
+) -> list[dict[str, str]]:
+    """The index rows whose ``column`` names an image in ``images``; rows with a blank
+    value are dropped silently, rows whose file is absent with a warning."""
+    named = [r for r in rows if r[column].strip()]
+    kept = [r for r in named if r[column].strip() in images]
+    warn_missing(name, len(named) - len(kept))
+    return kept
+
+
 def warn_missing(name: str, missing: int) -> None:
     """Say how many index rows were dropped because their image file is absent
     (a partial download must not pass silently)."""

@@ -51,13 +51,7 @@ def load_covid_chestxray(
     rows = C.read_rows(meta_path, ["patientid", "finding", "image", "clinical_notes"])
     images = C.index_images([root / "images", root])
     none = _unlabelled_markers(spec["domain"], spec["vocab"])
-    kept, missing = [], 0
-    for r in rows:
-        if r["image"].strip() in images:
-            kept.append(r)
-        else:
-            missing += 1
-    C.warn_missing(name, missing)
+    kept = C.rows_with_images(name, rows, images, "image")
     splits = grouped_split([r["patientid"].strip() for r in kept], fr, seed)
     records = []
     for r, split in zip(kept, splits, strict=True):
@@ -187,8 +181,7 @@ def load_nih_cxr14(
     for d in sorted(root.glob("images_*")):
         dirs += [d, d / "images"]
     images = C.index_images(dirs)
-    kept = [r for r in rows if r["Image Index"].strip() in images]
-    C.warn_missing(name, len(rows) - len(kept))
+    kept = C.rows_with_images(name, rows, images, "Image Index")
     index_files = [entry]
     official: dict[str, str] = {}
     for fname, split in spec["official_split"].items():
@@ -248,7 +241,7 @@ def load_cxr_samples(root: Path | None = None) -> Manifest:
     ``tb0005.png`` / ``tb0007.png`` tb (vocab ``tbx11k``); the PadChest JPEG and the DICOMs
     are unlabelled. The files come from datasets with different vocabularies, so each
     record keeps its own in meta["vocab"]: map labels with
-    ``pack.map_label(manifest.vocab_of(record), label)``; ``Manifest.vocab`` is "mixed".
+    ``pack.findings_for(manifest.vocab_of(record), record.labels)``; ``Manifest.vocab`` is "mixed".
     No split (split None): the folder is for I/O and domain checks, not training.
     """
     name, spec = "cxr_samples", C.spec("cxr_samples")

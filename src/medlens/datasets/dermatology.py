@@ -119,13 +119,7 @@ def load_ham10000(
     fr = check_fractions(fractions or C.default_fractions())
     rows = C.read_rows(meta_path, ["lesion_id", "image_id", "dx"])
     images = C.index_images([root / d for d in spec["image_dirs"]])
-    kept, missing = [], 0
-    for r in rows:
-        if r["image_id"].strip() in images:
-            kept.append(r)
-        else:
-            missing += 1
-    C.warn_missing(name, missing)
+    kept = C.rows_with_images(name, rows, images, "image_id")
     splits = grouped_split([r["lesion_id"].strip() for r in kept], fr, seed)
     records = [
         Record(
@@ -214,16 +208,7 @@ def load_pad_ufes_20(
     meta_path = root / "metadata.csv"
     rows = C.read_rows(meta_path, ["patient_id", "diagnostic", "image", *spec["symptoms"]])
     images = C.index_images([root / "images", root])
-    kept, missing = [], 0
-    for r in rows:
-        img = r["image"].strip()
-        if not img:
-            continue
-        if img in images:
-            kept.append(r)
-        else:
-            missing += 1
-    C.warn_missing(name, missing)
+    kept = C.rows_with_images(name, rows, images, "image")
     folds = grouped_folds([r["patient_id"].strip() for r in kept], n_folds, seed)
     records = []
     for r, fold in zip(kept, folds, strict=True):

@@ -21,17 +21,7 @@ import torch
 from PIL import Image
 
 from medlens.errors import ConfigError, ModelUnavailable
-from medlens.models._util import (
-    batched,
-    check_images,
-    check_texts,
-    finish_embeddings,
-    load_errors,
-    looks_like_path,
-    missing_extra,
-    quiet_transformers,
-    unavailable,
-)
+from medlens.models import _util
 from medlens.models.base import state_fingerprint
 
 
@@ -114,7 +104,7 @@ class HFEncoder:
         self.device = device
         folder = Path(source).expanduser()
         local = folder.is_dir()
-        if not local and looks_like_path(source):
+        if not local and _util.looks_like_path(source):
             raise ModelUnavailable(
                 f"model {self.name!r}: folder {folder.resolve()} does not exist. Save a model "
                 "there with `hf download <org/repo> --local-dir DIR` on a connected machine "
@@ -124,7 +114,7 @@ class HFEncoder:
         repo = None if local else source
         kwargs: dict[str, Any] = {"local_files_only": True} if local else {}
         try:
-            with quiet_transformers() if local else nullcontext():
+            with _util.quiet_transformers() if local else nullcontext():
                 config = AutoConfig.from_pretrained(src, **kwargs)
                 family = HF_FAMILIES.get(config.model_type)
                 if family is None:
@@ -138,9 +128,9 @@ class HFEncoder:
                 image_processor = AutoImageProcessor.from_pretrained(src, **kwargs)
                 tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
         except ImportError as exc:
-            raise missing_extra(self.name, exc) from exc
-        except load_errors() as exc:
-            raise unavailable(self.name, str(exc), repo=repo, scheme="hf") from exc
+            raise _util.missing_extra(self.name, exc) from exc
+        except _util.load_errors() as exc:
+            raise _util.unavailable(self.name, str(exc), repo=repo, scheme="hf") from exc
         self.family = family
         self.model_type: str = config.model_type
         self.model = model.to(device).eval()
@@ -164,22 +154,22 @@ class HFEncoder:
         )
 
     def embed_images(self, images: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray:
-        imgs = check_images(images)
+        imgs = _util.check_images(images)
         out = []
         with torch.inference_mode():
-            for batch in batched(imgs, batch_size):
+            for batch in _util.batched(imgs, batch_size):
                 pixels = self.image_processor(
                     images=[Image.fromarray(a) for a in batch], return_tensors="pt"
                 )["pixel_values"]
                 feats = _pooled(self.model.get_image_features(pixel_values=pixels.to(self.device)))
                 out.append(feats.float().cpu().numpy())
-        return finish_embeddings(out, self.dim)
+        return _util.finish_embeddings(out, self.dim)
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        items = check_texts(texts)
+        items = _util.check_texts(texts)
         out = []
         with torch.inference_mode():
-            for batch in batched(items, batch_size):
+            for batch in _util.batched(items, batch_size):
                 with self._tokenizer_lock:  # fast tokenizers are not re-entrant
                     enc = self.tokenizer(
                         list(batch),
@@ -191,7 +181,7 @@ class HFEncoder:
                 inputs = {k: enc[k].to(self.device) for k in self.family.text_inputs if k in enc}
                 feats = _pooled(self.model.get_text_features(**inputs))
                 out.append(feats.float().cpu().numpy())
-        return finish_embeddings(out, self.dim)
+        return _util.finish_embeddings(out, self.dim)
 
     def __repr__(self) -> str:
         return f"HFEncoder({self.name!r}, family={self.model_type}, dim={self.dim})"

@@ -20,16 +20,7 @@ import torch
 from PIL import Image
 
 from medlens.errors import ConfigError, ModelUnavailable
-from medlens.models._util import (
-    batched,
-    check_images,
-    check_texts,
-    finish_embeddings,
-    load_errors,
-    looks_like_path,
-    missing_extra,
-    unavailable,
-)
+from medlens.models import _util
 from medlens.models.base import state_fingerprint
 
 HF_HUB_PREFIX = "hf-hub:"
@@ -79,9 +70,9 @@ class OpenClipEncoder:
                 )
             tokenizer = open_clip.get_tokenizer(ident)
         except ImportError as exc:
-            raise missing_extra(self.name, exc) from exc
-        except load_errors() as exc:
-            raise unavailable(self.name, str(exc), repo=repo, scheme="open_clip") from exc
+            raise _util.missing_extra(self.name, exc) from exc
+        except _util.load_errors() as exc:
+            raise _util.unavailable(self.name, str(exc), repo=repo, scheme="open_clip") from exc
         self.model: torch.nn.Module = model.eval()
         self.model.requires_grad_(False)
         self.preprocess: Callable[[Image.Image], torch.Tensor] = preprocess
@@ -106,7 +97,7 @@ class OpenClipEncoder:
         if name.startswith(HF_HUB_PREFIX):
             return name, name[len(HF_HUB_PREFIX) :], True
         local = name[len(LOCAL_DIR_PREFIX) :] if name.startswith(LOCAL_DIR_PREFIX) else None
-        if local is None and (Path(name).expanduser().is_dir() or looks_like_path(name)):
+        if local is None and (Path(name).expanduser().is_dir() or _util.looks_like_path(name)):
             local = name
         if local is not None:
             folder = Path(local).expanduser()
@@ -148,7 +139,7 @@ class OpenClipEncoder:
             return arch, repo, True
         if Path(pretrained).expanduser().is_file():
             return arch, None, True
-        if looks_like_path(pretrained):
+        if _util.looks_like_path(pretrained):
             raise ModelUnavailable(
                 f"model 'open_clip:{name}@{pretrained}': checkpoint file {pretrained} not found"
             )
@@ -173,25 +164,25 @@ class OpenClipEncoder:
         return state_fingerprint(self.model, extra=f"open_clip|{pp}|{tok}:{ctx}")
 
     def embed_images(self, images: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray:
-        imgs = check_images(images)
+        imgs = _util.check_images(images)
         out = []
         with torch.inference_mode():
-            for batch in batched(imgs, batch_size):
+            for batch in _util.batched(imgs, batch_size):
                 x = torch.stack([self.preprocess(Image.fromarray(a)) for a in batch])
                 emb = self.model.encode_image(x.to(self.device), normalize=True)
                 out.append(emb.float().cpu().numpy())
-        return finish_embeddings(out, getattr(self, "dim", 0))
+        return _util.finish_embeddings(out, getattr(self, "dim", 0))
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        items = check_texts(texts)
+        items = _util.check_texts(texts)
         out = []
         with torch.inference_mode():
-            for batch in batched(items, batch_size):
+            for batch in _util.batched(items, batch_size):
                 with self._tokenizer_lock:  # HF-backed tokenizers are not re-entrant
                     tokens = self.tokenizer(list(batch))
                 emb = self.model.encode_text(tokens.to(self.device), normalize=True)
                 out.append(emb.float().cpu().numpy())
-        return finish_embeddings(out, getattr(self, "dim", 0))
+        return _util.finish_embeddings(out, getattr(self, "dim", 0))
 
     def __repr__(self) -> str:
         return f"OpenClipEncoder({self.name!r}, dim={getattr(self, 'dim', '?')})"
