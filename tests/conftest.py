@@ -1,4 +1,5 @@
-"""Shared fixtures. The sample datasets are required: a missing folder fails, never skips."""
+"""Shared fixtures. Tests that read the sample datasets fail (never skip) when the folder
+is missing; pure unit tests on arrays run without it."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ from pathlib import Path
 import pytest
 
 
-def _data_dir() -> Path:
+def _data_path() -> Path:
     raw = os.environ.get("MEDLENS_DATA") or str(
         Path(__file__).resolve().parents[2] / "shared" / "data"
     )
-    path = Path(raw)
+    return Path(raw)
+
+
+def _data_dir() -> Path:
+    path = _data_path()
     if not path.is_dir():
         pytest.fail(
             f"sample data folder {path} not found: set MEDLENS_DATA to ../shared/data",
@@ -34,6 +39,8 @@ def _isolated_home(
     home = tmp_path_factory.getbasetemp() / "medlens_home"
     home.mkdir(exist_ok=True)
     monkeypatch.setenv("MEDLENS_HOME", str(home))
-    monkeypatch.setenv("MEDLENS_DATA", str(_data_dir()))
+    # Pure unit tests run without the data; a test that reads it fails (the loaders
+    # raise on a missing MEDLENS_DATA folder, and the ``data_dir`` fixture fails).
+    monkeypatch.setenv("MEDLENS_DATA", str(_data_path()))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
