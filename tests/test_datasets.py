@@ -31,7 +31,7 @@ from medlens.errors import ConfigError, DatasetError
 from medlens.knowledge import load_domain
 
 SAMPLE = {n: s["sample"] for n, s in constants()["datasets"].items()}
-IN_SAMPLE = [n for n in DATASETS if n not in ("ham10000", "nih_cxr14")]
+IN_SAMPLE = [n for n in DATASETS if n != "nih_cxr14"]
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +78,7 @@ def test_registry_and_errors() -> None:
     with pytest.raises(ConfigError, match="unknown option"):
         load_dataset("isic2018", seed=1)
     with pytest.raises(DatasetError, match="no sample copy"):
-        load_dataset("ham10000")  # not in the sample data: needs root=
+        load_dataset("nih_cxr14")  # not in the sample data: needs root=
 
 
 def test_default_root_is_the_sample_folder(manifests: dict[str, Manifest], data_dir: Path) -> None:
@@ -440,3 +440,18 @@ def test_every_sample_label_maps_to_a_finding(manifests: dict[str, Manifest]) ->
                 if fid is None:
                     unmapped.append(f"{m.name} {key[0]}:{lab}")
     assert not unmapped, f"labels that map to no finding: {sorted(unmapped)}"
+
+
+def test_ham10000_sample_copy_keeps_its_lesion_split(data_dir: Path) -> None:
+    """The sample copy's ``split`` (lesion-grouped, DermaMNIST-consistent) is used as is:
+    no lesion crosses splits and DermaMNIST's test images are never in train."""
+    m = load_dataset("ham10000")
+    assert len(m) == 10015
+    counts = {s: sum(r.split == s for r in m.records) for s in ("train", "val", "test")}
+    assert counts == {"train": 5810, "val": 1254, "test": 2951}
+    by_lesion: dict[str, set[str | None]] = {}
+    for r in m.records:
+        by_lesion.setdefault(r.group, set()).add(r.split)
+    assert all(len(s) == 1 for s in by_lesion.values())
+    assert not any(r.split == "train" and r.meta["dermamnist_split"] == "test" for r in m.records)
+    assert detect_dataset(data_dir / "ham10000") == "ham10000"

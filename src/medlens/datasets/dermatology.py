@@ -105,10 +105,12 @@ def load_ham10000(
     dx_type, age, sex, localization; the Dataverse ``.tab`` copy works too) with images
     in ``HAM10000_images_part_1/``, ``HAM10000_images_part_2/`` or ``images/``.
 
-    HAM10000 has no official split. This loader's split is grouped by ``lesion_id``
-    (several images of one lesion never cross splits): lesions are ordered by
-    sha256("<seed>:<lesion_id>") and filled 70/15/15 (train/val/test) by image count;
-    default seed 0 (``datasets.yaml``). meta: dx_type, age, sex, localization.
+    HAM10000 has no official split. A ``split`` column (the sample copy's, grouped by
+    lesion and consistent with DermaMNIST, so DermaMNIST's test lesions are never trained
+    on) is used as given; otherwise the split is grouped by ``lesion_id`` (several images
+    of one lesion never cross splits): lesions are ordered by sha256("<seed>:<lesion_id>")
+    and filled 70/15/15 (train/val/test) by image count; default seed 0
+    (``datasets.yaml``). meta: dx_type, age, sex, localization (+ dermamnist_split).
     """
     name, spec = "ham10000", C.spec("ham10000")
     root = C.resolve_root(name, root)
@@ -120,7 +122,13 @@ def load_ham10000(
     rows = C.read_rows(meta_path, ["lesion_id", "image_id", "dx"])
     images = C.index_images([root / d for d in spec["image_dirs"]])
     kept = C.rows_with_images(name, rows, images, "image_id")
-    splits = grouped_split([r["lesion_id"].strip() for r in kept], fr, seed)
+    given = [(r.get("split") or "").strip() for r in kept]
+    if kept and all(s in ("train", "val", "test") for s in given):
+        splits, options = given, {"split": "metadata"}
+    else:
+        splits = grouped_split([r["lesion_id"].strip() for r in kept], fr, seed)
+        options = {"seed": seed, "fractions": fr}
+    meta_cols = ("dx_type", "age", "sex", "localization", "dermamnist_split")
     records = [
         Record(
             id=r["image_id"].strip(),
@@ -128,11 +136,11 @@ def load_ham10000(
             split=split,
             group=r["lesion_id"].strip(),
             path=images[r["image_id"].strip()],
-            meta={k: C.blank(r.get(k)) for k in ("dx_type", "age", "sex", "localization")},
+            meta={k: C.blank(r.get(k)) for k in meta_cols},
         )
         for r, split in zip(kept, splits, strict=True)
     ]
-    return C.manifest(name, spec, records, root, [meta_path], {"seed": seed, "fractions": fr})
+    return C.manifest(name, spec, records, root, [meta_path], options)
 
 
 # --------------------------------------------------------------------------- PAD-UFES-20
