@@ -223,3 +223,36 @@ def test_single_label_calibration_round_trip_with_offsets(
     got = np.array([{f["id"]: f["probability"] for f in out.findings}[f] for f in pack.finding_ids])
     row = [r.id for r in val].index(val[0].id)
     np.testing.assert_allclose(got[got > 1e-3], p[row][got > 1e-3], atol=1e-4)
+
+
+def test_calibrate_write_gives_an_hf_model_its_card(tmp_path: Path, data_dir: Path) -> None:
+    """Any backend can be calibrated: ``calibrate --write`` for an hf model writes a model
+    card keyed by its fingerprint, and ``analyze`` then applies it and records its id."""
+    from test_models import _tiny_hf
+    from typer.testing import CliRunner
+
+    from medlens.cli import app
+    from medlens.config import get_settings
+    from medlens.models import load_encoder
+    from medlens.models.card import card_for
+    from medlens.models.registry import clear_encoder_cache
+    from medlens.pipeline import MedLens
+
+    model, proc, tok, _ = _tiny_hf("clip")
+    folder = tmp_path / "tiny-clip"
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    clear_encoder_cache()
+    spec = f"hf:{folder}"
+    args = ["calibrate", "--model", spec, "--data", "pad_ufes_20,pneumoniamnist"]
+    r = CliRunner().invoke(app, [*args, "--limit", "60", "--write", "--json"])
+    assert r.exit_code == 0, r.output
+    enc = load_encoder(spec)
+    cards = get_settings().cards_dir
+    card = card_for(enc, cards)
+    assert card.source == "home" and (cards / f"{enc.fingerprint}.json").is_file()
+    assert set(card.calibration.temperature) == {"dermatology", "chest_xray"}
+    image = next((data_dir / "isic2018-task3-test" / "images").glob("*.jpg"))
+    result = MedLens(model=spec, retrieval=False).analyze(image, domain="dermatology")
+    assert result.to_dict()["model"]["calibration"] == card.calibration.id
