@@ -24,12 +24,13 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/medlens demo
 
-# The browser test drives Debian's chromium (no browser download at run time).
+# The browser test drives Debian's chromium (no browser download at run time); the
+# report test turns PDFs into PNGs with poppler's pdftoppm.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@{ command -v chromium >/dev/null 2>&1 && command -v pdftoppm >/dev/null 2>&1; } || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "the browser test needs Debian's chromium: sudo apt-get install -y chromium" >&2; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium poppler-utils >/dev/null; \
+	  else echo "the browser and report tests need Debian's chromium and poppler-utils: sudo apt-get install -y chromium poppler-utils" >&2; fi; }
 
 test: install browser
 	@test -d "$(MEDLENS_DATA)" || { echo "MEDLENS_DATA=$(MEDLENS_DATA) does not exist: the tests need the sample datasets" >&2; exit 2; }

@@ -2,7 +2,7 @@
 
 The test starts the API and the Streamlit UI itself on free loopback ports, uploads a
 real sample image, waits for the triage banner and the differential chart, saves
-docs/screenshots/ui.png and stops both processes.
+build/artifacts/ui.png (docs/screenshots/ui.png is a copy) and stops both processes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshots" / "ui.png"
+# A build artefact (build/ is git-ignored); docs/screenshots/ui.png is a copy.
+SCREENSHOT = Path(__file__).resolve().parents[1] / "build" / "artifacts" / "ui.png"
 SAMPLE = "isic2018-task3-test/images/ISIC_0034524.jpg"
 
 

@@ -536,6 +536,9 @@ def create_app(
     app.state.service = svc
     problems.install(app)
     app.include_router(build_router(domains()))
+    from medlens.api.report import build_report_router  # POST /v1/report
+
+    extra_routers = ((build_report_router(domains()), "report"), *extra_routers)
     for router, capability in extra_routers:
         app.include_router(router)
         svc.capabilities[capability] = True

@@ -1,0 +1,178 @@
+"""``POST /v1/report``: a structured report of one image, negotiated by ``Accept``.
+
+=======================  ==========================================================
+Accept                   answer
+=======================  ==========================================================
+application/fhir+json    FHIR R4B Bundle (DiagnosticReport, Observations, Device,
+                         Provenance), checked by ``medlens.report.fhir.check_bundle``
+application/pdf          one-page PDF: the image, the differential, the disclaimer
+text/markdown            Markdown (also the answer to ``*/*`` or no Accept header)
+application/json         the structured report itself (``medlens.report.Report``)
+anything else            406 problem JSON naming the supported types
+=======================  ==========================================================
+
+Like ``/v1/analyze`` it takes the key, runs in the worker pool and writes the analysis
+to the audit trail before answering; the audit record's output adds a ``report``
+object (format, media type, SHA-256 of the bytes sent), so the trail says which report
+was produced from which analysis. The record id is in ``X-Audit-ID``.
+"""
+
+# No ``from __future__ import annotations``: the form's domain type is built per app.
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import Response
+
+from medlens.api.app import _ERRORS, KeyId, Service, _run, _service, _symptoms, require_multipart
+from medlens.api.problems import Problem
+from medlens.errors import EmptyInput
+from medlens.knowledge import domains, load_domain
+
+__all__ = ["ACCEPTED", "build_report_router", "negotiate"]
+
+# media type -> report format
+ACCEPTED = {
+    "application/fhir+json": "fhir",
+    "application/pdf": "pdf",
+    "text/markdown": "md",
+    "application/json": "json",
+}
+DEFAULT = "text/markdown"
+
+
+def negotiate(accept: str | None) -> str | None:
+    """The media type to answer with for an ``Accept`` header, or None (→ 406)."""
+    if not accept or not accept.strip():
+        return DEFAULT
+    ranked: list[tuple[float, int, str]] = []
+    for i, part in enumerate(accept.split(",")):
+        fields = [x.strip() for x in part.split(";")]
+        media, q = fields[0].lower(), 1.0
+        for p in fields[1:]:
+            if p.lower().startswith("q="):
+                try:
+                    q = float(p[2:])
+                except ValueError:
+                    q = 0.0
+        if media and q > 0:
+            ranked.append((-q, i, media))
+    for _, _, media in sorted(ranked):
+        if media in ACCEPTED:
+            return media
+        if media in ("*/*", "text/*"):
+            return DEFAULT
+        if media == "application/*":
+            return "application/fhir+json"
+    return None
+
+
+def _report_job(
+    svc: Service,
+    raw: bytes,
+    filename: str | None,
+    symptoms: str | None,
+    domain: str,
+    top_k: int,
+    media: str,
+    key_id: str,
+    request_id: str,
+) -> bytes:
+    """Runs in a pool thread: decode → analyze → report → render → audit."""
+    from medlens.report import build_report, render
+
+    lens = svc.lens
+    decoded = lens.decode(raw, filename)
+    analysis = lens.analyze(decoded, symptoms=symptoms, domain=domain, top_k=top_k)
+    report = build_report(analysis)
+    fmt = ACCEPTED[media]
+    if fmt == "json":
+        body = json.dumps(report.to_dict(), ensure_ascii=False).encode()
+    else:
+        body = render(report, fmt, decoded)
+    if fmt == "fhir":
+        from fhir.resources.R4B.bundle import Bundle
+
+        from medlens.report.fhir import check_bundle
+
+        problems = check_bundle(Bundle.model_validate_json(body))
+        if problems:  # a bug, never the caller's fault: do not send a broken Bundle
+            raise RuntimeError("FHIR bundle failed its check: " + "; ".join(problems[:3]))
+    result = analysis.to_dict()
+    s = svc.settings
+    svc.audit.append(
+        {
+            **result,
+            "report": {
+                "format": fmt,
+                "media_type": media,
+                "sha256": hashlib.sha256(body).hexdigest(),
+                "report_version": report.report_version,
+            },
+        },
+        request_id=request_id,
+        api_key_id=key_id,
+        knowledge_version=load_domain(result["domain"]).source_hash,
+        case_library_version=svc.cases.version if svc.cases is not None else None,
+        input_bytes=raw if s.audit_store_inputs else None,
+        identifiers=dict(decoded.identifiers.values) if s.audit_store_identifiers else None,
+    )
+    return body
+
+
+def build_report_router(domain_ids: Sequence[str] | None = None) -> APIRouter:
+    ids = tuple(domain_ids or domains())
+    DomainChoice = Literal[("auto", *ids)]  # type: ignore[valid-type]
+    r = APIRouter()
+
+    @r.post(
+        "/v1/report",
+        tags=["analysis"],
+        summary="A structured report of one image: FHIR R4B, PDF or Markdown (by Accept)",
+        description="Analyzes the image like `/v1/analyze` and answers with a report in "
+        "the media type the Accept header asks for: `application/fhir+json` (a FHIR R4B "
+        "Bundle), `application/pdf`, `text/markdown` (default) or `application/json` "
+        "(the structured report). Other types: 406. See docs/reports.md.",
+        response_class=Response,
+        dependencies=[Depends(require_multipart)],
+        responses={
+            200: {"content": {m: {} for m in ACCEPTED}},
+            406: _ERRORS[415] | {"description": "No supported media type in Accept"},
+        }
+        | {k: v for k, v in _ERRORS.items() if k != 404},
+    )
+    async def report(
+        request: Request,
+        key_id: KeyId,
+        image: Annotated[UploadFile, File(description="PNG, JPEG, BMP, TIFF, WebP or DICOM")],
+        symptoms: Annotated[str | None, Form(description="Free-text symptoms")] = None,
+        domain: Annotated[DomainChoice, Form()] = "auto",
+        top_k: Annotated[int, Form(ge=1, le=100)] = 5,
+    ) -> Response:
+        media = negotiate(request.headers.get("accept"))
+        if media is None:
+            raise Problem(
+                406,
+                "Not acceptable",
+                f"no report in {request.headers.get('accept')!r}; ask for one of "
+                f"{', '.join(ACCEPTED)} in the Accept header",
+            )
+        svc = _service(request)
+        svc.require_ready()
+        raw = await image.read()
+        if not raw:
+            raise EmptyInput("the uploaded file is empty; choose an image or DICOM file")
+        rid = request.state.request_id
+        body = await _run(
+            svc, _report_job, svc, raw, image.filename, _symptoms(symptoms), domain, top_k,
+            media, key_id, rid,
+        )  # fmt: skip
+        headers = {"X-Audit-ID": rid}
+        if media == "application/pdf":
+            headers["Content-Disposition"] = f'inline; filename="medlens-report-{rid[:12]}.pdf"'
+        return Response(body, media_type=media, headers=headers)
+
+    return r
