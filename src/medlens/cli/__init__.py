@@ -1,6 +1,7 @@
 """The ``medlens`` command line: one Typer app, one module per command group.
 
     analyze.py    analyze, samples
+    explain.py    explain (saliency maps and concept scores)
     train.py      train align, calibrate
     evaluate.py   eval
     retrieval.py  index, search
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import typer
 
-from medlens.cli import analyze, cache, evaluate, retrieval, service, train
+from medlens.cli import analyze, cache, evaluate, explain, report, retrieval, service, train
 
 app = typer.Typer(
     name="medlens",
@@ -32,7 +33,7 @@ app = typer.Typer(
 )
 
 # Help lists the commands in this order (groups with sub-commands after them).
-GROUPS = (analyze, train, evaluate, retrieval, service, cache)
+GROUPS = (analyze, explain, report, train, evaluate, retrieval, service, cache)
 for _group in GROUPS:
     _group.register(app)
 

@@ -65,6 +65,17 @@ class Finding(BaseModel):
         return sctid
 
 
+class Concept(BaseModel):
+    """A visual concept (a dermoscopic criterion, a radiographic sign) scored zero-shot
+    by its prompts, as findings are; shown as "the image shows: ..." (issue 14)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=r"^[a-z0-9_]+$")
+    name: str
+    prompts: tuple[str, ...] = Field(min_length=3)
+
+
 class DicomRule(BaseModel):
     """When a DICOM header alone names this domain (Modality, Body Part Examined)."""
 
@@ -109,6 +120,8 @@ class Domain(BaseModel):
     findings: tuple[Finding, ...]
     # dataset label vocabulary -> labels that carry no diagnosis (e.g. "todo", "Unknown")
     unlabelled: dict[str, tuple[str, ...]] = {}
+    # Visual concepts scored zero-shot (uncalibrated) beside the findings; optional.
+    concepts: tuple[Concept, ...] = ()
 
     @model_validator(mode="after")
     def _reference_for_multi_label(self) -> Domain:
@@ -118,6 +131,14 @@ class Domain(BaseModel):
                 "finding is scored against)"
             )
         return self
+
+    @field_validator("concepts")
+    @classmethod
+    def _unique_concepts(cls, concepts: tuple[Concept, ...]) -> tuple[Concept, ...]:
+        ids = [c.id for c in concepts]
+        if len(ids) != len(set(ids)):
+            raise ValueError("concept ids must be unique")
+        return concepts
 
     @field_validator("findings")
     @classmethod

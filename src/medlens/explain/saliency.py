@@ -1,0 +1,353 @@
+"""Where the lite encoder looked: text-conditioned saliency and Grad-CAM.
+
+Both work in the image's own geometry: the whole frame is resized so its shorter side is
+the encoder's ``image_size`` (aspect kept, longer side at most twice that) and fed to the
+fully convolutional MobileNetV2 tower without the centre crop ``analyze`` uses, so the
+map covers every pixel of the image. (For a square image the input is exactly the
+tensor ``analyze`` scores, before its test-time flips.)
+
+- **Text-conditioned saliency** (``text_saliency``): the projection head is applied to
+  the feature vector at each position of the last feature map (before pooling), and the
+  unit result is compared with a target embedding by the scoring rule
+  (``analysis.scoring.logits_from``): for a finding its prompt ensemble (minus the
+  "normal study" reference for multi-label packs), for a free-text query the query's
+  text embedding. No gradient; one forward pass.
+- **Grad-CAM** (``gradcam``): pytorch-grad-cam's ``GradCAM`` on the last convolutional
+  block of the image tower, the target being one finding's logit computed by the same
+  rule from the pooled embedding; one backward pass per target (one call per finding).
+
+Maps are returned min-max scaled to [0, 1] (``Saliency.map``, the image's (H, W)), with
+the raw values on the feature grid kept in ``Saliency.grid``. The metrics at the end
+(energy fractions, pointing game, centred-Gaussian baseline, rank correlation) are pure
+functions over arrays.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medlens.analysis import scoring, zeroshot
+from medlens.errors import ConfigError, EmptyInput, InvalidText
+from medlens.knowledge import KnowledgePack
+
+# A query is a phrase ("blue-white veil"): MiniLM reads 128 tokens at most.
+QUERY_MAX_CHARS = 300
+METHODS = ("text", "gradcam")
+
+
+@dataclass
+class Saliency:
+    """One explanation map for one image and one target."""
+
+    map: np.ndarray  # (H, W) float32 in [0, 1], the image's geometry
+    grid: np.ndarray  # (h, w) float32 raw values on the feature grid (text: logits / scale)
+    method: str  # "text" | "gradcam"
+    target: str  # finding id, or "query"
+    label: str  # finding name or the query text
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON view: the low-resolution map, its peak and the top-10 % energy."""
+        low = scale01(self.grid)
+        r, c = np.unravel_index(int(np.argmax(self.map)), self.map.shape)
+        gr, gc = np.unravel_index(int(np.argmax(low)), low.shape)
+        return {
+            "method": self.method,
+            "target": self.target,
+            "label": self.label,
+            "grid_shape": list(low.shape),
+            "grid": np.round(low.astype(np.float64), 4).tolist(),
+            "grid_raw": np.round(self.grid.astype(np.float64), 5).tolist(),
+            "peak": {
+                "grid": [int(gr), int(gc)],
+                "pixel": [int(r), int(c)],
+                "relative": [
+                    round(float(r) / self.map.shape[0], 4),
+                    round(float(c) / self.map.shape[1], 4),
+                ],
+            },
+            "top10_energy": round(top_energy_fraction(self.map, 0.10), 4),
+        }
+
+
+# -- inputs -------------------------------------------------------------------------------
+def clean_query(text: str | None) -> str:
+    """A usable free-text query or a clear error (empty, too long, binary)."""
+    if text is None or not isinstance(text, str):
+        raise InvalidText("the query must be text")
+    text = unicodedata.normalize("NFC", text).strip()
+    if not text:
+        raise EmptyInput('the query is empty: describe what to look for, e.g. "blue-white veil"')
+    if len(text) > QUERY_MAX_CHARS:
+        raise InvalidText(
+            f"the query has {len(text)} characters; the limit is {QUERY_MAX_CHARS}: "
+            "name one visual sign or finding"
+        )
+    if any(unicodedata.category(ch) in {"Cc", "Cf", "Co", "Cs"} for ch in text):
+        raise InvalidText("the query contains control or non-printing characters")
+    return text
+
+
+def _check_lite(encoder: Any) -> None:
+    if getattr(encoder, "name", None) != "lite" or not hasattr(encoder, "image_head"):
+        raise ConfigError(
+            "explanations are implemented for the lite encoder only so far (issue 14: "
+            "open_clip and hf towers come next); use --model lite"
+        )
+
+
+def frame_tensor(encoder: Any, pixels: np.ndarray) -> torch.Tensor:
+    """(1, 3, h, w) model input for the whole frame: shorter side → ``image_size``
+    (antialiased, aspect kept, longer side capped at twice that), then the encoder's own
+    normalisation (colour constancy, ImageNet statistics)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    arr = np.asarray(pixels)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise InvalidText("pixels must be uint8 (H, W, 3)")  # pragma: no cover - io guarantees
+    h, w = arr.shape[:2]
+    s = int(encoder.image_size)
+    k = s / min(h, w)
+    th, tw = (min(2 * s, max(s, round(h * k))), min(2 * s, max(s, round(w * k))))
+    t = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)  # PIL arrays: read-only
+    t = TF.resize(t, [th, tw], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return encoder.normalise(t[None])
+
+
+def _split(encoder: Any) -> tuple[Any, nn.Sequential]:
+    """(frozen prefix as a function, the conv blocks after it) of the image tower; the
+    last of those blocks is the last convolutional block Grad-CAM hooks."""
+    if encoder.image_tail is not None:
+        return encoder.prefix_forward, encoder.image_tail[0]
+    blocks = encoder._towers()[0][0]  # the shared frozen MobileNetV2 .features
+    n = len(blocks) - 1
+
+    def prefix(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return blocks[:n](x.contiguous(memory_format=torch.channels_last))
+
+    return prefix, blocks[n:]
+
+
+def feature_map(encoder: Any, x: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) last feature map of the image tower (before pooling)."""
+    prefix, rest = _split(encoder)
+    with torch.no_grad():
+        return rest(prefix(x)).float()
+
+
+def position_embeddings(encoder: Any, fmap: torch.Tensor) -> np.ndarray:
+    """(h·w, dim) unit embeddings: the image projection head applied at each position."""
+    n, c, h, w = fmap.shape
+    if n != 1:
+        raise ValueError("one image at a time")
+    flat = fmap[0].permute(1, 2, 0).reshape(h * w, c)
+    with encoder._eval_heads(), torch.no_grad():
+        emb, _ = encoder.embed_from_features(img_feats=flat)
+    return emb.float().cpu().numpy()
+
+
+# -- targets ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """What a map is about: a unit embedding (+ the multi-label reference) and a name."""
+
+    key: str  # finding id or "query"
+    label: str
+    embedding: np.ndarray  # (dim,)
+    reference: np.ndarray | None = None  # (dim,) for multi-label packs' findings
+
+
+def finding_target(
+    encoder: Any, pack: KnowledgePack, finding_id: str, cache_dir: Path | None = None
+) -> Target:
+    """A finding's prompt-ensemble embedding, as ``analysis.scoring`` uses it."""
+    f = pack.finding(finding_id)  # ConfigError for an unknown id
+    k = pack.finding_ids.index(f.id)
+    emb = zeroshot.finding_embeddings(encoder, pack, cache_dir)[k]
+    ref = (
+        zeroshot.reference_embedding(encoder, pack, cache_dir)
+        if pack.task == "multi_label"
+        else None
+    )
+    return Target(f.id, f.name, emb, ref)
+
+
+def query_target(encoder: Any, query: str) -> Target:
+    """A free-text query's own text embedding (no reference)."""
+    q = clean_query(query)
+    return Target("query", q, np.asarray(encoder.embed_texts([q])[0], dtype=np.float32))
+
+
+# -- the two methods ----------------------------------------------------------------------
+def text_saliency(encoder: Any, pixels: np.ndarray, target: Target) -> Saliency:
+    """Similarity of the target and each spatial position of the last feature map, by
+    the scoring rule (``scoring.logits_from``, divided by the logit scale: cosines, or
+    cosine differences to the reference), upsampled to the image."""
+    return text_saliencies(encoder, pixels, [target])[0]
+
+
+def text_saliencies(encoder: Any, pixels: np.ndarray, targets: list[Target]) -> list[Saliency]:
+    """``text_saliency`` for several targets from one forward pass."""
+    _check_lite(encoder)
+    fmap = feature_map(encoder, frame_tensor(encoder, pixels))
+    h, w = fmap.shape[2:]
+    pos = position_embeddings(encoder, fmap)
+    out = []
+    for t in targets:
+        grid = scoring.logits_from(pos, t.embedding[None], 1.0, t.reference)[:, 0]
+        grid = grid.reshape(h, w).astype(np.float32)
+        out.append(Saliency(upsample(grid, pixels.shape[:2]), grid, "text", t.key, t.label))
+    return out
+
+
+class FindingLogits(nn.Module):
+    """The lite image path as a classifier for pytorch-grad-cam: ``forward`` takes only
+    the image and returns (N, K) finding logits by the scoring rule, from the pooled,
+    projected, unit embedding."""
+
+    def __init__(self, encoder: Any, targets: np.ndarray, reference: np.ndarray | None):
+        super().__init__()
+        self.encoder = encoder
+        self.prefix, self.blocks = _split(encoder)
+        self.register_buffer("targets", torch.as_tensor(np.asarray(targets), dtype=torch.float32))
+        ref = None if reference is None else torch.as_tensor(reference, dtype=torch.float32)
+        self.register_buffer("reference", ref)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.prefix(x).detach().requires_grad_(True)  # grads start here, never below
+        pooled = self.blocks(h).float().mean(dim=(2, 3))
+        emb = F.normalize(self.encoder.image_head(pooled), dim=-1)
+        scale = float(self.encoder.logit_scale)
+        z = scale * emb @ self.targets.T
+        if self.reference is not None:
+            z = z - scale * (emb @ self.reference)[:, None]
+        return z
+
+
+def gradcam(
+    encoder: Any,
+    pixels: np.ndarray,
+    pack: KnowledgePack,
+    finding_id: str,
+    cache_dir: Path | None = None,
+) -> Saliency:
+    """Grad-CAM (pytorch-grad-cam) on the last convolutional block for one finding's
+    logit from the scoring rule; one backward pass for this one target."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    _check_lite(encoder)
+    f = pack.finding(finding_id)
+    k = pack.finding_ids.index(f.id)
+    cls = zeroshot.finding_embeddings(encoder, pack, cache_dir)
+    ref = (
+        zeroshot.reference_embedding(encoder, pack, cache_dir)
+        if pack.task == "multi_label"
+        else None
+    )
+    model = FindingLogits(encoder, cls, ref)
+    x = frame_tensor(encoder, pixels)
+    was_training = encoder.training
+    try:
+        with torch.enable_grad(), GradCAM(model=model, target_layers=[model.blocks[-1]]) as cam:
+            out = cam(input_tensor=x, targets=[ClassifierOutputTarget(k)])[0]
+            # The low-resolution map: pytorch-grad-cam's own weights × activations.
+            acts = cam.activations_and_grads.activations[-1].numpy()
+            grads = cam.activations_and_grads.gradients[-1].numpy()
+    finally:
+        encoder.zero_grad(set_to_none=True)
+        encoder.train(was_training)
+    weights = grads.mean(axis=(2, 3), keepdims=True)
+    grid = np.maximum((weights * acts).sum(axis=1)[0], 0).astype(np.float32)
+    return Saliency(
+        upsample(out.astype(np.float32), pixels.shape[:2]), grid, "gradcam", f.id, f.name
+    )
+
+
+def explain(
+    encoder: Any,
+    pixels: np.ndarray,
+    pack: KnowledgePack,
+    *,
+    finding: str | None = None,
+    query: str | None = None,
+    method: str = "text",
+    cache_dir: Path | None = None,
+) -> Saliency:
+    """One map: for ``finding`` (text saliency or Grad-CAM) or for a free-text ``query``
+    (text saliency only)."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if (finding is None) == (query is None):
+        raise ConfigError("explain one target: a finding id or a query, not both or neither")
+    if query is not None:
+        if method != "text":
+            raise ConfigError("a free-text query is explained by text saliency (--method text)")
+        return text_saliency(encoder, pixels, query_target(encoder, query))
+    if method == "gradcam":
+        return gradcam(encoder, pixels, pack, finding, cache_dir)
+    return text_saliency(encoder, pixels, finding_target(encoder, pack, finding, cache_dir))
+
+
+# -- pure functions over arrays -----------------------------------------------------------
+def scale01(a: np.ndarray) -> np.ndarray:
+    """Min-max scaled to [0, 1] (a constant map becomes zeros); NaN-free."""
+    a = np.nan_to_num(np.asarray(a, dtype=np.float32))
+    lo, hi = float(a.min()), float(a.max())
+    return np.zeros_like(a) if hi - lo <= 1e-12 else (a - lo) / (hi - lo)
+
+
+def upsample(grid: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of an (h, w) map to ``shape``, min-max scaled to [0, 1]."""
+    t = torch.as_tensor(np.asarray(grid, dtype=np.float32))[None, None]
+    up = F.interpolate(t, size=tuple(int(s) for s in shape), mode="bilinear", align_corners=False)
+    return scale01(up[0, 0].numpy())
+
+
+def top_energy_fraction(m: np.ndarray, frac: float = 0.10) -> float:
+    """Share of a non-negative map's total mass in its top ``frac`` of pixels."""
+    v = np.sort(np.clip(np.asarray(m, dtype=np.float64).ravel(), 0, None))[::-1]
+    total = v.sum()
+    if total <= 0:
+        return float("nan")
+    return float(v[: max(1, round(frac * v.size))].sum() / total)
+
+
+def energy_inside(m: np.ndarray, mask: np.ndarray) -> float:
+    """Share of a non-negative map's mass inside a boolean mask of the same shape."""
+    m = np.clip(np.asarray(m, dtype=np.float64), 0, None)
+    total = m.sum()
+    return float("nan") if total <= 0 else float(m[np.asarray(mask, bool)].sum() / total)
+
+
+def pointing_hit(m: np.ndarray, mask: np.ndarray) -> bool:
+    """Pointing game: is the map's maximum inside the mask?"""
+    idx = np.unravel_index(int(np.argmax(m)), np.shape(m))
+    return bool(np.asarray(mask, bool)[idx])
+
+
+def centred_gaussian(shape: tuple[int, int], sigma: float = 0.25, mass: float = 1.0) -> np.ndarray:
+    """A centred Gaussian map (sd ``sigma`` × each side) with total ``mass``: the
+    baseline a lesion-centred photograph gives for free."""
+    h, w = (int(s) for s in shape)
+    y = (np.arange(h) + 0.5 - h / 2) / (sigma * h)
+    x = (np.arange(w) + 0.5 - w / 2) / (sigma * w)
+    g = np.exp(-0.5 * (y[:, None] ** 2 + x[None, :] ** 2))
+    return (g * (mass / g.sum())).astype(np.float32)
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two maps' pixels."""
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(np.ravel(a), np.ravel(b)).statistic
+    return float(rho) if np.isfinite(rho) else float("nan")
