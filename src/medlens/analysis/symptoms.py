@@ -12,20 +12,34 @@ import unicodedata
 from medlens.errors import EmptyInput, InvalidText
 
 
+def normalised_text(
+    text: object, max_chars: int, *, what: str, not_text: str, empty: str, too_long: str
+) -> str:
+    """NFC-normalised, stripped ``text`` or a clear error: ``not_text`` when it is not a
+    string, ``empty`` when nothing is left, ``too_long`` (after "``what`` has N characters;
+    the limit is M") when it exceeds ``max_chars``. Shared by every free-text input."""
+    if not isinstance(text, str):
+        raise InvalidText(not_text)
+    text = unicodedata.normalize("NFC", text).strip()
+    if not text:
+        raise EmptyInput(empty)
+    if len(text) > max_chars:
+        raise InvalidText(f"{what} has {len(text)} characters; the limit is {max_chars}{too_long}")
+    return text
+
+
 def clean_symptoms(text: str | None, max_chars: int) -> str | None:
     """Normalise symptom text or raise a clear error for text that cannot be used."""
     if text is None:
         return None
-    if not isinstance(text, str):
-        raise InvalidText("symptoms must be text")
-    text = unicodedata.normalize("NFC", text).strip()
-    if not text:
-        raise EmptyInput("the symptom description is empty; omit it or describe the symptoms")
-    if len(text) > max_chars:
-        raise InvalidText(
-            f"the symptom description has {len(text)} characters; the limit is {max_chars} "
-            "(MEDLENS_MAX_TEXT_CHARS): summarise the symptoms"
-        )
+    text = normalised_text(
+        text,
+        max_chars,
+        what="the symptom description",
+        not_text="symptoms must be text",
+        empty="the symptom description is empty; omit it or describe the symptoms",
+        too_long=" (MEDLENS_MAX_TEXT_CHARS): summarise the symptoms",
+    )
     bad = sum(
         1
         for ch in text

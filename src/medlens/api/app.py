@@ -180,31 +180,44 @@ def require_multipart(request: Request) -> None:
 KeyId = Annotated[str, Depends(api_key_id)]
 
 
+@dataclass
+class AnalysisForm:
+    """The multipart form every image endpoint takes (analyze, report)."""
+
+    image: UploadFile
+    symptoms: str | None
+    domain: str
+    top_k: int
+
+
 def _analyze_job(
-    svc: Service,
-    raw: bytes,
-    filename: str | None,
-    symptoms: str | None,
-    domain: str,
-    top_k: int,
-    key_id: str,
-    request_id: str,
+    svc: Service, raw: bytes, form: AnalysisForm, key_id: str, request_id: str
 ) -> dict[str, Any]:
     """Runs in a pool thread: decode → analyze → audit. Returns the analysis JSON."""
     lens = svc.lens
-    decoded = lens.decode(raw, filename)
-    result = lens.analyze(decoded, symptoms=symptoms, domain=domain, top_k=top_k).to_dict()
+    decoded = lens.decode(raw, form.image.filename)
+    result = lens.analyze(
+        decoded, symptoms=form.symptoms, domain=form.domain, top_k=form.top_k
+    ).to_dict()
+    audit(svc, result, decoded, raw, key_id=key_id, request_id=request_id)
+    return result
+
+
+def audit(
+    svc: Service, output: dict[str, Any], decoded: Any, raw: bytes, *, key_id: str, request_id: str
+) -> None:
+    """Append one analysis (``output``: its JSON, plus what was sent) to the audit trail;
+    input bytes and identifiers only where the site turned that on."""
     s = svc.settings
     svc.audit.append(
-        result,
+        output,
         request_id=request_id,
         api_key_id=key_id,
-        knowledge_version=load_domain(result["domain"]).source_hash,
+        knowledge_version=load_domain(output["domain"]).source_hash,
         case_library_version=svc.cases.version if svc.cases is not None else None,
         input_bytes=raw if s.audit_store_inputs else None,
         identifiers=dict(decoded.identifiers.values) if s.audit_store_identifiers else None,
     )
-    return result
 
 
 async def _run(svc: Service, fn: Callable[..., Any], *args: Any) -> Any:
@@ -245,12 +258,39 @@ def _finding_summary(domain_id: str, f: Any) -> dict[str, Any]:
     }
 
 
+def analysis_form(domain_ids: Sequence[str]) -> Callable[..., AnalysisForm]:
+    """The FastAPI dependency that reads ``AnalysisForm``; its domain choices are the
+    knowledge packs' ids (so a new pack appears in the schema by itself)."""
+    DomainChoice = Literal[("auto", *domain_ids)]  # type: ignore[valid-type]
+
+    def form(
+        image: Annotated[UploadFile, File(description="PNG, JPEG, BMP, TIFF, WebP or DICOM")],
+        symptoms: Annotated[str | None, Form(description="Free-text symptoms")] = None,
+        domain: Annotated[DomainChoice, Form()] = "auto",
+        top_k: Annotated[int, Form(ge=1, le=100)] = 5,
+    ) -> AnalysisForm:
+        return AnalysisForm(image, _symptoms(symptoms), domain, top_k)
+
+    return form
+
+
+async def read_upload(request: Request, form: AnalysisForm) -> tuple[Service, bytes]:
+    """The service (refusing while the model loads) and the uploaded bytes (never empty)."""
+    svc = _service(request)
+    svc.require_ready()
+    raw = await form.image.read()
+    if not raw:
+        raise EmptyInput("the uploaded file is empty; choose an image or DICOM file")
+    return svc, raw
+
+
 def build_router(domain_ids: Sequence[str] | None = None) -> APIRouter:
     ids = tuple(domain_ids or domains())
     # Built from the knowledge packs (data, MEDLENS_KNOWLEDGE_PATH included), so a new
     # domain appears in the schema by itself.
     DomainChoice = Literal[("auto", *ids)]  # type: ignore[valid-type]
     PackChoice = Literal[ids]  # type: ignore[valid-type]
+    form_of = analysis_form(ids)
     r = APIRouter()
 
     @r.get("/healthz", tags=["service"], summary="The process is alive")
@@ -302,23 +342,11 @@ def build_router(domain_ids: Sequence[str] | None = None) -> APIRouter:
         responses={k: v for k, v in _ERRORS.items() if k != 404},
     )
     async def analyze(
-        request: Request,
-        key_id: KeyId,
-        image: Annotated[UploadFile, File(description="PNG, JPEG, BMP, TIFF, WebP or DICOM")],
-        symptoms: Annotated[str | None, Form(description="Free-text symptoms")] = None,
-        domain: Annotated[DomainChoice, Form()] = "auto",
-        top_k: Annotated[int, Form(ge=1, le=100)] = 5,
+        request: Request, key_id: KeyId, form: Annotated[AnalysisForm, Depends(form_of)]
     ) -> JSONResponse:
-        svc = _service(request)
-        svc.require_ready()
-        raw = await image.read()
-        if not raw:
-            raise EmptyInput("the uploaded file is empty; choose an image or DICOM file")
+        svc, raw = await read_upload(request, form)
         rid = request.state.request_id
-        result = await _run(
-            svc, _analyze_job, svc, raw, image.filename, _symptoms(symptoms), domain, top_k,
-            key_id, rid,
-        )  # fmt: skip
+        result = await _run(svc, _analyze_job, svc, raw, form, key_id, rid)
         return JSONResponse(result, headers={"X-Audit-ID": rid})
 
     @r.post(

@@ -22,15 +22,24 @@ was produced from which analysis. The record id is in ``X-Audit-ID``.
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from medlens.api.app import _ERRORS, KeyId, Service, _run, _service, _symptoms, require_multipart
+from medlens.api.app import (
+    _ERRORS,
+    AnalysisForm,
+    KeyId,
+    Service,
+    _run,
+    analysis_form,
+    audit,
+    read_upload,
+    require_multipart,
+)
 from medlens.api.problems import Problem
-from medlens.errors import EmptyInput
-from medlens.knowledge import domains, load_domain
+from medlens.knowledge import domains
 
 __all__ = ["ACCEPTED", "build_report_router", "negotiate"]
 
@@ -71,22 +80,14 @@ def negotiate(accept: str | None) -> str | None:
 
 
 def _report_job(
-    svc: Service,
-    raw: bytes,
-    filename: str | None,
-    symptoms: str | None,
-    domain: str,
-    top_k: int,
-    media: str,
-    key_id: str,
-    request_id: str,
+    svc: Service, raw: bytes, form: AnalysisForm, media: str, key_id: str, request_id: str
 ) -> bytes:
     """Runs in a pool thread: decode → analyze → report → render → audit."""
     from medlens.report import build_report, render
 
     lens = svc.lens
-    decoded = lens.decode(raw, filename)
-    analysis = lens.analyze(decoded, symptoms=symptoms, domain=domain, top_k=top_k)
+    decoded = lens.decode(raw, form.image.filename)
+    analysis = lens.analyze(decoded, symptoms=form.symptoms, domain=form.domain, top_k=form.top_k)
     report = build_report(analysis)
     fmt = ACCEPTED[media]
     if fmt == "json":
@@ -101,31 +102,26 @@ def _report_job(
         problems = check_bundle(Bundle.model_validate_json(body))
         if problems:  # a bug, never the caller's fault: do not send a broken Bundle
             raise RuntimeError("FHIR bundle failed its check: " + "; ".join(problems[:3]))
-    result = analysis.to_dict()
-    s = svc.settings
-    svc.audit.append(
-        {
-            **result,
-            "report": {
-                "format": fmt,
-                "media_type": media,
-                "sha256": hashlib.sha256(body).hexdigest(),
-                "report_version": report.report_version,
-            },
-        },
+    sent = {
+        "format": fmt,
+        "media_type": media,
+        "sha256": hashlib.sha256(body).hexdigest(),
+        "report_version": report.report_version,
+    }
+    audit(
+        svc,
+        {**analysis.to_dict(), "report": sent},
+        decoded,
+        raw,
+        key_id=key_id,
         request_id=request_id,
-        api_key_id=key_id,
-        knowledge_version=load_domain(result["domain"]).source_hash,
-        case_library_version=svc.cases.version if svc.cases is not None else None,
-        input_bytes=raw if s.audit_store_inputs else None,
-        identifiers=dict(decoded.identifiers.values) if s.audit_store_identifiers else None,
     )
     return body
 
 
 def build_report_router(domain_ids: Sequence[str] | None = None) -> APIRouter:
     ids = tuple(domain_ids or domains())
-    DomainChoice = Literal[("auto", *ids)]  # type: ignore[valid-type]
+    form_of = analysis_form(ids)
     r = APIRouter()
 
     @r.post(
@@ -145,12 +141,7 @@ def build_report_router(domain_ids: Sequence[str] | None = None) -> APIRouter:
         | {k: v for k, v in _ERRORS.items() if k != 404},
     )
     async def report(
-        request: Request,
-        key_id: KeyId,
-        image: Annotated[UploadFile, File(description="PNG, JPEG, BMP, TIFF, WebP or DICOM")],
-        symptoms: Annotated[str | None, Form(description="Free-text symptoms")] = None,
-        domain: Annotated[DomainChoice, Form()] = "auto",
-        top_k: Annotated[int, Form(ge=1, le=100)] = 5,
+        request: Request, key_id: KeyId, form: Annotated[AnalysisForm, Depends(form_of)]
     ) -> Response:
         media = negotiate(request.headers.get("accept"))
         if media is None:
@@ -160,16 +151,9 @@ def build_report_router(domain_ids: Sequence[str] | None = None) -> APIRouter:
                 f"no report in {request.headers.get('accept')!r}; ask for one of "
                 f"{', '.join(ACCEPTED)} in the Accept header",
             )
-        svc = _service(request)
-        svc.require_ready()
-        raw = await image.read()
-        if not raw:
-            raise EmptyInput("the uploaded file is empty; choose an image or DICOM file")
+        svc, raw = await read_upload(request, form)
         rid = request.state.request_id
-        body = await _run(
-            svc, _report_job, svc, raw, image.filename, _symptoms(symptoms), domain, top_k,
-            media, key_id, rid,
-        )  # fmt: skip
+        body = await _run(svc, _report_job, svc, raw, form, media, key_id, rid)
         headers = {"X-Audit-ID": rid}
         if media == "application/pdf":
             headers["Content-Disposition"] = f'inline; filename="medlens-report-{rid[:12]}.pdf"'

@@ -98,14 +98,20 @@ def analyze(
         print_analysis(result, top_k)
 
 
-def _analyze_folder(
-    lens: Any, folder: Path, *, domain: str, symptoms: str | None, top_k: int, out: Path | None
-) -> None:
+def image_files(folder: Path) -> list[Path]:
+    """The image and DICOM files under ``folder`` (recursively, sorted); none is an error."""
     files = sorted(
         p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
     )
     if not files:
         raise ConfigError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+    return files
+
+
+def _analyze_folder(
+    lens: Any, folder: Path, *, domain: str, symptoms: str | None, top_k: int, out: Path | None
+) -> None:
+    files = image_files(folder)
     out = out or Path(f"medlens-{folder.name}.jsonl")
     rows: list[dict[str, Any]] = []
     failures = 0

@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from medlens.cli.analyze import IMAGE_SUFFIXES
+from medlens.cli.analyze import image_files
 from medlens.cli.common import err, friendly, progress_bar
 from medlens.config import Settings
 from medlens.errors import ConfigError, MedLensError
@@ -74,11 +74,7 @@ def _report_folder(
     """One PDF and one FHIR Bundle per image, and summary.csv, under ``out``."""
     from medlens.report import build_report, render
 
-    files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
-    if not files:
-        raise ConfigError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+    files = image_files(folder)
     out = out or Path(f"medlens-reports-{folder.name}")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; for a folder, --out names a folder")

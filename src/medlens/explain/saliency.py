@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medlens.analysis import scoring, zeroshot
-from medlens.errors import ConfigError, EmptyInput, InvalidText
+from medlens.analysis.symptoms import normalised_text
+from medlens.errors import ConfigError, InvalidText
 from medlens.knowledge import KnowledgePack
 
 # A query is a phrase ("blue-white veil"): MiniLM reads 128 tokens at most.
@@ -80,16 +81,14 @@ class Saliency:
 # -- inputs -------------------------------------------------------------------------------
 def clean_query(text: str | None) -> str:
     """A usable free-text query or a clear error (empty, too long, binary)."""
-    if text is None or not isinstance(text, str):
-        raise InvalidText("the query must be text")
-    text = unicodedata.normalize("NFC", text).strip()
-    if not text:
-        raise EmptyInput('the query is empty: describe what to look for, e.g. "blue-white veil"')
-    if len(text) > QUERY_MAX_CHARS:
-        raise InvalidText(
-            f"the query has {len(text)} characters; the limit is {QUERY_MAX_CHARS}: "
-            "name one visual sign or finding"
-        )
+    text = normalised_text(
+        text,
+        QUERY_MAX_CHARS,
+        what="the query",
+        not_text="the query must be text",
+        empty='the query is empty: describe what to look for, e.g. "blue-white veil"',
+        too_long=": name one visual sign or finding",
+    )
     if any(unicodedata.category(ch) in {"Cc", "Cf", "Co", "Cs"} for ch in text):
         raise InvalidText("the query contains control or non-printing characters")
     return text

@@ -256,6 +256,31 @@ def _as_json(bundle: Any) -> tuple[dict[str, Any] | None, list[str]]:
     return bundle, []
 
 
+# What every MedLens Bundle must hold: resource kinds with their counts, and per
+# kind the elements (dotted paths; a list index 0 is taken) that must be non-empty.
+REQUIRED_RESOURCES: dict[str, tuple[int, int | None]] = {  # (at least, at most)
+    "DiagnosticReport": (1, 1),
+    "Observation": (1, None),  # one per reported finding
+    "Device": (1, 1),  # the model
+    "Provenance": (1, None),
+}
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "DiagnosticReport": ("code.coding", "result", "conclusion"),
+    "Observation": ("status", "interpretation", "device.reference"),
+    "Device": ("version.value", "deviceName"),
+    "Provenance": ("target", "recorded", "agent"),
+}
+
+
+def _at(node: Any, path: str) -> Any:
+    """The value at a dotted ``path`` (a list: its first item), or None."""
+    for part in path.split("."):
+        if isinstance(node, list):
+            node = node[0] if node else None
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def check_bundle(bundle: Any) -> list[str]:
     """Problems of a MedLens FHIR Bundle (a ``Bundle`` or its JSON); empty = passes."""
     data, problems = _as_json(bundle)
@@ -287,52 +312,28 @@ def check_bundle(bundle: Any) -> list[str]:
         if "subject" in node:
             problems.append(f"{path}.subject: reports carry no patient reference")
 
-    # required resources and elements
-    reports = by_type.get("DiagnosticReport", [])
-    if len(reports) != 1:
-        problems.append(f"expected one DiagnosticReport, found {len(reports)}")
-    for url, r in reports:
+    # required resources and elements (REQUIRED: dotted paths that must be non-empty)
+    for kind, (least, most) in REQUIRED_RESOURCES.items():
+        found = len(by_type.get(kind, []))
+        if found < least or (most is not None and found > most):
+            want = f"{least}" if least == most else f"at least {least}"
+            problems.append(f"expected {want} {kind}, found {found}")
+    for kind, paths in REQUIRED.items():
+        for url, res in by_type.get(kind, []):
+            problems += [f"{url}: {kind}.{p} is missing" for p in paths if not _at(res, p)]
+    for url, r in by_type.get("DiagnosticReport", []):
         if r.get("status") != "preliminary":
             problems.append(f"{url}: DiagnosticReport.status must be preliminary")
-        if not (r.get("code") or {}).get("coding"):
-            problems.append(f"{url}: DiagnosticReport.code needs a coding")
-        if not r.get("result"):
-            problems.append(f"{url}: DiagnosticReport.result is empty")
-        if not r.get("conclusion"):
-            problems.append(f"{url}: DiagnosticReport.conclusion is missing")
-    observations = by_type.get("Observation", [])
-    if not observations:
-        problems.append("no Observation (one per reported finding is required)")
-    for url, o in observations:
-        if not o.get("status"):
-            problems.append(f"{url}: Observation.status is missing")
-        codings = (o.get("code") or {}).get("coding") or []
-        if not any(c.get("system") == SNOMED for c in codings):
-            problems.append(f"{url}: Observation.code needs a SNOMED CT coding")
-        if not any(c.get("system") == ICD10CM for c in codings):
-            problems.append(f"{url}: Observation.code needs an ICD-10-CM coding")
+    for url, o in by_type.get("Observation", []):
+        systems = {c.get("system") for c in (o.get("code") or {}).get("coding") or []}
+        problems += [
+            f"{url}: Observation.code needs a {name} coding"
+            for system, name in ((SNOMED, "SNOMED CT"), (ICD10CM, "ICD-10-CM"))
+            if system not in systems
+        ]
         v = (o.get("valueQuantity") or {}).get("value")
         if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v <= 1:
             problems.append(f"{url}: Observation.valueQuantity.value must be a probability")
-        if not o.get("interpretation"):
-            problems.append(f"{url}: Observation.interpretation (the triage role) is missing")
-        if not (o.get("device") or {}).get("reference"):
-            problems.append(f"{url}: Observation.device must reference the model")
-    devices = by_type.get("Device", [])
-    if len(devices) != 1:
-        problems.append(f"expected one Device (the model), found {len(devices)}")
-    for url, d in devices:
-        if not d.get("version") or not d["version"][0].get("value"):
-            problems.append(f"{url}: Device.version (the model fingerprint) is missing")
-        if not d.get("deviceName"):
-            problems.append(f"{url}: Device.deviceName is missing")
-    provs = by_type.get("Provenance", [])
-    if not provs:
-        problems.append("no Provenance")
-    for url, p in provs:
-        for k in ("target", "recorded", "agent"):
-            if not p.get(k):
-                problems.append(f"{url}: Provenance.{k} is missing")
     for url, res in urls.items():
         if not _has_aiast(res):
             problems.append(f"{url}: meta.security lacks AIAST ({V3_OBSERVATION_VALUE})")

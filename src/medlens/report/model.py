@@ -293,18 +293,17 @@ def build_report(analysis: Analysis | dict[str, Any]) -> Report:
     )
     limitations = _limitations(a, domain_name, task, domain_score)
     narrative = _narrative(indication, technique, findings, impression, recommendation, task)
-    return Report(
-        analysis_schema_version=a.schema_version,
-        indication=indication,
-        technique=technique,
-        findings=tuple(findings),
-        impression=impression,
-        recommendation=recommendation,
-        evidence=evidence,
-        limitations=tuple(limitations),
-        disclaimer=a.disclaimer,
-        narrative=tuple(narrative),
-    )
+    sections = {
+        "indication": indication,
+        "technique": technique,
+        "findings": tuple(findings),
+        "impression": impression,
+        "recommendation": recommendation,
+        "evidence": evidence,
+        "limitations": tuple(limitations),
+        "narrative": tuple(narrative),
+    }
+    return Report(analysis_schema_version=a.schema_version, disclaimer=a.disclaimer, **sections)
 
 
 def _limitations(
