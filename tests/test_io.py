@@ -20,6 +20,7 @@ from pydicom.sequence import Sequence
 from medlens.errors import (
     CorruptImage,
     EmptyInput,
+    ExtremeAspectRatio,
     ImageTooLarge,
     InputError,
     MedLensError,
@@ -532,6 +533,8 @@ BAD_FILES = {
     "empty.png": EmptyInput,
     "labels.png": UnsupportedImage,
     "bomb.png": ImageTooLarge,
+    "strip_1x20000.png": ExtremeAspectRatio,
+    "strip_1x400000.png": ExtremeAspectRatio,
     "no_pixels.dcm": NoPixelData,
 }
 
@@ -547,7 +550,10 @@ def test_error_messages_are_one_helpful_line(
     message = str(info.value)
     assert message and "\n" not in message and len(message) < 300
     assert "Doe" not in message and "Jane" not in message
-    hints = ("re-export", "re-send", "check the upload", "supported formats", "MEDLENS_MAX", "send")
+    hints = (
+        "re-export", "re-send", "check the upload", "supported formats", "MEDLENS_MAX", "send",
+        "crop it",
+    )  # fmt: skip
     assert any(hint in message for hint in hints), message
 
 
@@ -573,4 +579,199 @@ def test_bad_input_table_script(samples: bad.SampleFiles, tmp_path: Path) -> Non
     table = out.read_text()
     assert table == buffer.getvalue()
     assert "`CorruptImage`" in table and "`ImageTooLarge`" in table and "decoded 512x512" in table
-    assert table.count("\n| ") == 11  # header + 10 inputs
+    inputs = table.split("## Memory budget")[0]
+    assert inputs.count("\n| ") == 13  # header + 12 inputs
+    assert "`ExtremeAspectRatio`" in table
+
+
+# ------------------------------------------------- decoding limits (shape and memory)
+
+# sha256 of the decoded pixels of real sample files, computed with the decoder as it was
+# before the aspect-ratio and memory limits (issue 13): the limits must not move a pixel.
+BEFORE_LIMITS = {
+    "skin_jpeg": "6c01924acc67fb6a",
+    "cxr_jpeg": "d82f43b76ae77ca2",
+    "cxr_png": "7813711c4f470804",
+    "cxr_dicom": "fc2ae18a1acc217c",
+    "cxr_dicom_mono1": "e683423b9f310146",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE_LIMITS))
+def test_sample_files_decode_as_before_the_limits(samples: bad.SampleFiles, name: str) -> None:
+    path = getattr(samples, name)
+    decoded = load_image(path)
+    px = check_rgb(decoded)
+    assert decoded.content_hash == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert hashlib.sha256(px.tobytes()).hexdigest()[:16] == BEFORE_LIMITS[name]
+
+
+def test_16bit_and_float_paths_decode_as_before(samples: bad.SampleFiles, tmp_path: Path) -> None:
+    """The chunked high-depth scaling gives the 8-bit radiograph back, as before."""
+    wide = load_image(bad.png_16bit(samples.cxr_png, tmp_path)).pixels
+    assert hashlib.sha256(wide.tobytes()).hexdigest()[:16] == BEFORE_LIMITS["cxr_png"]
+    grey8 = np.asarray(Image.open(samples.cxr_png).convert("L"), dtype=np.float32)
+    Image.fromarray(grey8 / 7.0 - 3.0).save(tmp_path / "float.tif")  # mode F, affine
+    floats = load_image(tmp_path / "float.tif").pixels
+    assert hashlib.sha256(floats.tobytes()).hexdigest()[:16] == BEFORE_LIMITS["cxr_png"]
+
+
+def test_chunked_scaling_matches_one_pass() -> None:
+    from medlens.io.images import scale_to_uint8
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(100.0, 40.0, size=(1900, 1300)).astype(np.float32)  # > 2 blocks
+    x[5, 7], x[1800, 3], x[900, 1299] = np.nan, np.inf, -np.inf
+    x64 = x.astype(np.float64)
+    finite = np.isfinite(x64)
+    lo, hi = float(x64[finite].min()), float(x64[finite].max())
+    expected = np.rint((np.where(finite, x64, lo) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    assert np.array_equal(scale_to_uint8(x), expected)
+    assert not scale_to_uint8(np.full((3, 3), 7.0)).any()
+    assert not scale_to_uint8(np.full((3, 3), np.nan)).any()
+
+
+@pytest.mark.parametrize("size", [(1, 20000), (1, 400000), (400000, 1), (21, 1)])
+def test_extreme_aspect_ratio_is_refused(tmp_path: Path, size: tuple[int, int]) -> None:
+    path = bad.strip_png(tmp_path, *size)
+    assert path.stat().st_size < 2000  # tiny on disk, under every byte and pixel limit
+    with pytest.raises(ExtremeAspectRatio, match=r"over the limit of 20:1; crop it") as info:
+        load_image(path)
+    assert "\n" not in str(info.value)
+
+
+def test_aspect_ratio_bound_is_inclusive(tmp_path: Path) -> None:
+    check_rgb(load_image(bad.strip_png(tmp_path, 20, 400)))  # exactly 20:1 is accepted
+    with pytest.raises(ExtremeAspectRatio):
+        load_image(bad.strip_png(tmp_path, 20, 401))
+
+
+def test_extreme_aspect_ratio_dicom_is_refused(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(dicom_file("CT_small.dcm"))
+    ds.Rows, ds.Columns = 2, 2 * 128 * 128 // 2  # same pixel bytes, 1:8192
+    ds.save_as(tmp_path / "strip.dcm")
+    with pytest.raises(ExtremeAspectRatio, match="DICOM image is 16384x2"):
+        load_image(tmp_path / "strip.dcm")
+
+
+def test_memory_budget_refuses_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "big.png"
+    Image.new("RGB", (4000, 3000), (10, 20, 30)).save(path)  # ~37 KB, 12 Mpx
+    monkeypatch.setenv("MEDLENS_MAX_DECODE_BYTES", str(64 * 2**20))
+    with pytest.raises(ImageTooLarge, match="per-image memory budget of 64 MiB") as info:
+        load_image(path)
+    assert "MEDLENS_MAX_DECODE_BYTES" in str(info.value)
+    monkeypatch.delenv("MEDLENS_MAX_DECODE_BYTES")
+    assert check_rgb(load_image(path)).shape == (3000, 4000, 3)  # within the default budget
+    # The budget is passed down like max_pixels (the pipeline gives its settings' value).
+    with pytest.raises(ImageTooLarge):
+        load_image(path, max_decode_bytes=64 * 2**20)
+
+
+def test_memory_budget_applies_to_dicom(samples: bad.SampleFiles) -> None:
+    with pytest.raises(ImageTooLarge, match="DICOM image of 1024x1024 pixels needs about"):
+        load_image(samples.cxr_dicom, max_decode_bytes=40 * 2**20)
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_within_the_budget(
+    samples: bad.SampleFiles, tmp_path: Path
+) -> None:
+    from medlens.io.limits import estimate_pil
+
+    path = tmp_path / "big.jpg"
+    photo = Image.open(samples.skin_jpeg).convert("RGB").resize((4000, 3000))
+    photo.save(path, "JPEG", quality=90)
+    budget = estimate_pil(2000, 1500, "RGB", alpha=False, fmt="jpeg")
+    px = check_rgb(load_image(path, max_decode_bytes=budget))
+    assert px.shape == (1500, 2000, 3)  # libjpeg's 1/2 scale
+    full = load_image(path).pixels
+    small = np.asarray(Image.fromarray(full).resize((2000, 1500), Image.Resampling.BOX))
+    assert np.abs(px.astype(int) - small.astype(int)).mean() < 3  # the same picture
+
+
+def test_multipage_tiff_says_it_used_the_first_page(tmp_path: Path) -> None:
+    pages = [Image.new("L", (64, 48), v) for v in (10, 200, 90)]
+    path = tmp_path / "pages.tif"
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+    decoded = load_image(path)
+    assert decoded.context.frames == 3
+    assert int(grey(check_rgb(decoded)).max()) == 10  # page 1 of 3
+
+
+_PEAK_SCRIPT = """
+import sys
+from medlens.io.images import load_image
+from medlens.models.lite import LiteEncoder
+encoder = LiteEncoder()
+data = open(sys.argv[1], "rb").read()
+def status(key):
+    with open("/proc/self/status") as fh:
+        line = next(ln for ln in fh if ln.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # resets the peak (VmHWM) to the current RSS
+before = status("VmRSS")
+decoded = load_image(data)
+crop = encoder.resize_crop([decoded.pixels])
+peak = status("VmHWM")
+print(peak - before, decoded.pixels.shape[0], decoded.pixels.shape[1], tuple(crop.shape))
+"""
+
+
+def _worst_png(out: Path, ratio: int, budget: int) -> Path:
+    """The largest 8-bit RGB PNG of this aspect ratio the budget accepts."""
+    from medlens.io.limits import estimate_pil
+
+    h = 16
+    while estimate_pil(ratio * (h + 16), h + 16, "RGB", alpha=False, fmt="png") <= budget:
+        h += 16
+    y, x = np.mgrid[0:h, 0 : ratio * h]
+    rgb = np.stack([(x // 7) % 256, (y * 3) % 256, ((x + y) // 5) % 256], axis=2)
+    Image.fromarray(rgb.astype(np.uint8)).save(out, "PNG", compress_level=1)
+    return out
+
+
+def _worst_dicom(out: Path, budget: int) -> Path:
+    """The largest square 16-bit greyscale DICOM (rescale + window) the budget accepts."""
+    from medlens.io.limits import estimate_dicom
+
+    n = 256
+    while estimate_dicom(n + 64, n + 64, samples=1, bits_allocated=16) <= budget:
+        n += 64
+    ds = pydicom.dcmread(dicom_file("CT_small.dcm"))
+    ds.Rows = ds.Columns = n
+    ramp = (np.add.outer(np.arange(n), np.arange(n)) % 4096).astype(np.int16)
+    ds.PixelData = ramp.tobytes()
+    ds.save_as(out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["png_20to1", "png_square", "dicom_square"])
+def test_peak_memory_of_the_worst_accepted_input_stays_under_the_budget(
+    tmp_path: Path, kind: str
+) -> None:
+    """Decode plus the encoder's resize, in a fresh process: peak RSS growth (Linux VmHWM,
+    reset just before the decode) stays under the budget."""
+    import subprocess
+    import sys
+
+    from medlens.config import get_settings
+
+    budget = get_settings().max_decode_bytes
+    if kind == "dicom_square":
+        path = _worst_dicom(tmp_path / "worst.dcm", budget)
+    else:
+        path = _worst_png(tmp_path / "worst.png", 20 if kind == "png_20to1" else 1, budget)
+    run = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    growth, height, width, crop = run.stdout.split(maxsplit=3)
+    assert crop.strip() == "(1, 3, 224, 224)"
+    pixels = int(height) * int(width)
+    assert pixels > 0.7 * budget / 60  # really near the budget's edge, not a small image
+    print(f"{kind}: {width}x{height}, peak RSS growth {int(growth) / 2**20:.0f} MiB "
+          f"of a {budget / 2**20:.0f} MiB budget")  # fmt: skip
+    assert 0 < int(growth) < budget

@@ -53,6 +53,11 @@ class Settings:
     # Input limits: a file over max_bytes or an image over max_pixels is refused before decoding.
     max_bytes: int = field(default_factory=lambda: _env_int("MEDLENS_MAX_BYTES", 256 * 1024 * 1024))
     max_pixels: int = field(default_factory=lambda: _env_int("MEDLENS_MAX_PIXELS", 100_000_000))
+    # Memory budget per image: the estimated peak of decoding one image (every intermediate
+    # array); an image that would need more is refused before its pixels are decoded.
+    max_decode_bytes: int = field(
+        default_factory=lambda: _env_int("MEDLENS_MAX_DECODE_BYTES", 512 * 1024 * 1024)
+    )
     max_text_chars: int = field(default_factory=lambda: _env_int("MEDLENS_MAX_TEXT_CHARS", 4000))
     # Retrieval (docs/retrieval.md): a Qdrant server/cluster URL switches the vector store
     # from embedded shards under MEDLENS_HOME/qdrant to that server.
@@ -99,6 +104,10 @@ class Settings:
     ui_port: int = field(default_factory=lambda: _env_int("MEDLENS_UI_PORT", 8501))
     # Audit trail: SQLite under home by default; any SQLAlchemy URL (postgresql+psycopg://...).
     db_url: str | None = field(default_factory=lambda: os.environ.get("MEDLENS_DB_URL") or None)
+    # HMAC key of the audit chain; unset: a 0600 key file under home, made on first use.
+    audit_key: str | None = field(
+        default_factory=lambda: os.environ.get("MEDLENS_AUDIT_KEY") or None, repr=False
+    )
     audit_store_inputs: bool = field(
         default_factory=lambda: _env_bool("MEDLENS_AUDIT_STORE_INPUTS", False)
     )
@@ -126,6 +135,11 @@ class Settings:
         """Hashed API keys (never the keys themselves); written by ``medlens keys``."""
         raw = os.environ.get("MEDLENS_API_KEYS_FILE")
         return Path(raw).expanduser() if raw else self.home / "api_keys.json"
+
+    @property
+    def audit_key_file(self) -> Path:
+        """The audit chain's HMAC key when MEDLENS_AUDIT_KEY is unset (0600, never in the DB)."""
+        return self.home / "audit.key"
 
     @property
     def audit_db_url(self) -> str:

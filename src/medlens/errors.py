@@ -29,6 +29,11 @@ class ImageTooLarge(InputError):
     """The file exceeds the byte or pixel limits (decompression-bomb guard)."""
 
 
+class ExtremeAspectRatio(InputError):
+    """The image is far longer than it is wide (or the reverse): not a photo or radiograph,
+    and resizing its short side to the model's input would need gigabytes."""
+
+
 class NoPixelData(InputError):
     """A DICOM object without pixel data (e.g. a structured report or a header-only file)."""
 

@@ -89,6 +89,7 @@ class MedLens:
             filename=filename,
             max_bytes=self.settings.max_bytes,
             max_pixels=self.settings.max_pixels,
+            max_decode_bytes=self.settings.max_decode_bytes,
         )
 
     def analyze(

@@ -20,6 +20,7 @@ from medlens.errors import (
     ConfigError,
     CorruptImage,
     EmptyInput,
+    ExtremeAspectRatio,
     ImageTooLarge,
     InputError,
     InvalidText,
@@ -38,6 +39,7 @@ TYPE_PREFIX = "urn:medlens:problem:"
 STATUS_BY_ERROR: list[tuple[type[MedLensError], int, str]] = [
     (UnsupportedImage, 415, "Unsupported image type"),
     (ImageTooLarge, 413, "Image too large"),
+    (ExtremeAspectRatio, 422, "Extreme aspect ratio"),
     (EmptyInput, 400, "Empty input"),
     (CorruptImage, 422, "Corrupt image"),
     (NoPixelData, 422, "No pixel data"),

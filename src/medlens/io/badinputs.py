@@ -28,6 +28,7 @@ __all__ = [
     "png_bomb",
     "rgba_png",
     "sample_files",
+    "strip_png",
     "text_named_png",
     "truncated_dicom",
     "truncated_jpeg",
@@ -111,6 +112,14 @@ def png_bomb(out_dir: Path, side: int = 30000) -> Path:
     return out
 
 
+def strip_png(out_dir: Path, width: int = 1, height: int = 20000) -> Path:
+    """A valid width x height greyscale PNG strip, made with Pillow: a few hundred bytes on
+    disk, under any pixel limit, but resizing its short side to 224 px would need gigabytes."""
+    out = out_dir / f"strip_{width}x{height}.png"
+    Image.new("L", (width, height), 128).save(out, "PNG", optimize=True)
+    return out
+
+
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
@@ -179,6 +188,8 @@ def build_all(data_dir: Path, out_dir: Path) -> list[BadInput]:
         BadInput("zero-byte file", zero_byte_file(out_dir)),
         BadInput("text file named .png", text_named_png(src.text, out_dir)),
         BadInput("30000x30000 PNG bomb (1-bit, ~110 KB)", png_bomb(out_dir)),
+        BadInput("1x20000 PNG strip (aspect 20000:1)", strip_png(out_dir, 1, 20000)),
+        BadInput("1x400000 PNG strip (aspect 400000:1)", strip_png(out_dir, 1, 400000)),
         BadInput("DICOM without pixel data", dicom_without_pixels(src.cxr_dicom, out_dir)),
         BadInput("DICOM cut at 60 %", truncated_dicom(src.cxr_dicom, out_dir)),
         BadInput("16-bit greyscale PNG (real CXR x 257)", png_16bit(src.cxr_png, out_dir)),

@@ -37,6 +37,7 @@ from pydicom.pixels.utils import get_nr_frames
 from pydicom.uid import UID
 
 from medlens.errors import CorruptImage, ImageTooLarge, NoPixelData, UnsupportedImage
+from medlens.io.limits import check_aspect, check_budget, estimate_dicom
 from medlens.io.types import Identifiers, StudyContext
 
 __all__ = [
@@ -157,8 +158,13 @@ def read_dataset(data: bytes, *, force: bool = False) -> Dataset:
     return ds
 
 
-def decode_dicom(ds: Dataset, *, max_pixels: int) -> DicomResult:
-    """Turn a parsed dataset into display-ready uint8 RGB (the middle frame if several)."""
+def decode_dicom(
+    ds: Dataset, *, max_pixels: int, max_decode_bytes: int | None = None
+) -> DicomResult:
+    """Turn a parsed dataset into display-ready uint8 RGB (the middle frame if several).
+
+    ``max_decode_bytes`` is the per-image memory budget (``medlens.io.limits``); None
+    skips that check (callers that pass settings always give it)."""
     if not any(kw in ds for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise NoPixelData(
             f"this DICOM object has no pixel data (SOP class {_sop_class_name(ds)}); "
@@ -183,6 +189,17 @@ def decode_dicom(ds: Dataset, *, max_pixels: int) -> DicomResult:
             f"DICOM image is {cols}x{rows} pixels x {frames} frame(s) = {total:,} pixels, over "
             f"the limit of {max_pixels:,}; set MEDLENS_MAX_PIXELS to raise the limit"
         )
+    check_aspect(cols, rows, "DICOM")
+    if max_decode_bytes is not None:
+        try:
+            samples_declared = int(ds.get("SamplesPerPixel", 1) or 1)
+            bits_allocated = int(ds.get("BitsAllocated", 16) or 16)
+        except (TypeError, ValueError):
+            samples_declared, bits_allocated = 1, 16
+        need = estimate_dicom(
+            rows, cols, samples=samples_declared, bits_allocated=max(8, min(bits_allocated, 64))
+        )
+        check_budget(need, max_decode_bytes, width=cols, height=rows, label="DICOM")
 
     index = frames // 2
     arr = _decode_frame(ds, index if frames > 1 else None)

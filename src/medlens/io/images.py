@@ -38,6 +38,7 @@ from medlens.errors import (
     UnsupportedImage,
 )
 from medlens.io.dicom import decode_dicom, read_dataset
+from medlens.io.limits import check_aspect, check_budget, estimate_pil
 from medlens.io.types import DecodedImage, Identifiers, StudyContext
 
 __all__ = [
@@ -54,6 +55,7 @@ _BMP_HEADER_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
 _HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
 _SNIFF_BYTES = 1024
+_SCALE_BLOCK = 1 << 20  # pixels per block when scaling high-depth greyscale to uint8
 # Image.MAX_IMAGE_PIXELS and ImageFile.LOAD_TRUNCATED_IMAGES are process-wide; the lock keeps
 # two loads from restoring each other's values mid-decode.
 _PIL_LOCK = threading.Lock()
@@ -65,17 +67,20 @@ def load_image(
     filename: str | None = None,
     max_bytes: int | None = None,
     max_pixels: int | None = None,
+    max_decode_bytes: int | None = None,
 ) -> DecodedImage:
     """Decode a path or raw bytes into RGB pixels, a study context and identifiers.
 
     ``filename`` only matters for DICOM files without the 128-byte preamble (a ``.dcm``
-    name makes MedLens try them); limits default to MEDLENS_MAX_BYTES / MEDLENS_MAX_PIXELS.
+    name makes MedLens try them); limits default to MEDLENS_MAX_BYTES / MEDLENS_MAX_PIXELS /
+    MEDLENS_MAX_DECODE_BYTES (the per-image memory budget, see ``medlens.io.limits``).
     """
     settings = get_settings()
     max_bytes = settings.max_bytes if max_bytes is None else int(max_bytes)
     max_pixels = settings.max_pixels if max_pixels is None else int(max_pixels)
-    if max_bytes <= 0 or max_pixels <= 0:
-        raise ValueError("max_bytes and max_pixels must be positive")
+    budget = settings.max_decode_bytes if max_decode_bytes is None else int(max_decode_bytes)
+    if max_bytes <= 0 or max_pixels <= 0 or budget <= 0:
+        raise ValueError("max_bytes, max_pixels and max_decode_bytes must be positive")
 
     data, name = _read_source(source, max_bytes)
     name = filename if filename is not None else name
@@ -85,7 +90,7 @@ def load_image(
     fmt = sniff_format(data)
     if fmt == "dicom" or (fmt is None and (suffix == ".dcm" or _looks_like_bare_dicom(data))):
         ds = read_dataset(data) if fmt == "dicom" else _read_bare_dicom(data, suffix)
-        result = decode_dicom(ds, max_pixels=max_pixels)
+        result = decode_dicom(ds, max_pixels=max_pixels, max_decode_bytes=budget)
         return DecodedImage(result.pixels, result.context, digest, result.identifiers)
     if fmt is None:
         named = f" (file name says {suffix})" if suffix else ""
@@ -94,9 +99,10 @@ def load_image(
             f"supported formats: {SUPPORTED_FORMATS}"
         )
 
-    pixels = _decode_pil(data, fmt, max_pixels)
+    pixels, pages = _decode_pil(data, fmt, max_pixels, budget)
     height, width = pixels.shape[:2]
-    context = StudyContext(source_format=fmt, width=width, height=height)
+    # A multi-page TIFF shows its first page; ``frames`` says how many there were.
+    context = StudyContext(source_format=fmt, width=width, height=height, frames=pages)
     return DecodedImage(pixels, context, digest, Identifiers())
 
 
@@ -240,7 +246,7 @@ def _read_bare_dicom(data: bytes, suffix: str) -> Dataset:
     return ds
 
 
-def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> np.ndarray:
+def _decode_pil(data: bytes, fmt: str, max_pixels: int, budget: int) -> tuple[np.ndarray, int]:
     label = _PIL_FORMAT[fmt]
     try:
         with _PIL_LOCK:
@@ -253,6 +259,9 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> np.ndarray:
             try:
                 image = Image.open(io.BytesIO(data), formats=[label])
                 _check_pixels(image.size, max_pixels, label)
+                check_aspect(*image.size, label)
+                _fit_budget(image, fmt, label, budget)
+                pages = int(getattr(image, "n_frames", 1) or 1) if fmt == "tiff" else 1
                 # Full decode now, with Pillow's guard back at our limit, so truncation
                 # fails here instead of coming back grey.
                 Image.MAX_IMAGE_PIXELS = max_pixels
@@ -261,7 +270,7 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> np.ndarray:
                 Image.MAX_IMAGE_PIXELS = saved_limit
                 ImageFile.LOAD_TRUNCATED_IMAGES = saved_truncated
         image = _orient(image)
-        return _to_rgb(image, label)
+        return _to_rgb(image, label), pages
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # backstop
         raise ImageTooLarge(
             f"{label} image is larger than the limit of {max_pixels:,} pixels "
@@ -301,6 +310,26 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, label: str) -> None:
         raise CorruptImage(f"{label} header declares {width}x{height} pixels; re-export the file")
 
 
+def _fit_budget(image: Image.Image, fmt: str, label: str, budget: int) -> None:
+    """Refuse an image whose decode would exceed the memory budget; a JPEG is decoded at
+    1/2, 1/4 or 1/8 scale instead (libjpeg's DCT scaling) when that brings it within."""
+    width, height = image.size
+    alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
+
+    def need(w: int, h: int) -> int:
+        return estimate_pil(w, h, image.mode, alpha=alpha, fmt=fmt)
+
+    if need(width, height) <= budget:
+        return
+    if fmt == "jpeg":
+        for scale in (2, 4, 8):
+            w, h = -(-width // scale), -(-height // scale)
+            if need(w, h) <= budget:
+                image.draft(image.mode, (w, h))
+                return
+    check_budget(need(width, height), budget, width=width, height=height, label=label)
+
+
 def _orient(image: Image.Image) -> Image.Image:
     """Apply EXIF orientation; a malformed EXIF block is ignored rather than fatal."""
     try:
@@ -331,13 +360,27 @@ def _to_rgb(image: Image.Image, label: str) -> np.ndarray:
 
 
 def scale_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Min-max scale a high-depth greyscale array to uint8 (constant images become 0)."""
-    x = values.astype(np.float64)
-    finite = np.isfinite(x)
-    if not finite.any():
-        return np.zeros(x.shape, dtype=np.uint8)
-    lo, hi = float(x[finite].min()), float(x[finite].max())
-    if hi <= lo:
-        return np.zeros(x.shape, dtype=np.uint8)
-    x = np.where(finite, x, lo)
-    return np.rint((x - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    """Min-max scale a high-depth greyscale array to uint8 (constant images become 0).
+
+    Works in float64 on blocks of rows, so the float copies stay small however large the
+    image (the same arithmetic per pixel as one whole-array pass)."""
+    arr = np.asarray(values)
+    out = np.zeros(arr.shape, dtype=np.uint8)
+    if arr.size == 0:
+        return out
+    rows = arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(1, -1)
+    step = max(1, _SCALE_BLOCK // max(1, rows.shape[1]))
+    lo, hi = np.inf, -np.inf
+    for start in range(0, rows.shape[0], step):
+        x = rows[start : start + step].astype(np.float64)
+        x = x[np.isfinite(x)]
+        if x.size:
+            lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+    if not hi > lo:  # no finite value, or a constant image
+        return out
+    flat = out.reshape(rows.shape)
+    for start in range(0, rows.shape[0], step):
+        x = rows[start : start + step].astype(np.float64)
+        x = np.where(np.isfinite(x), x, lo)
+        flat[start : start + step] = np.rint((x - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    return out
