@@ -1,8 +1,11 @@
-"""The audit trail: what it stores (and never stores), append-only, hash chain, CLI."""
+"""The audit trail: what it stores (and never stores), append-only, HMAC chain with signed
+heads (the attack matrix of issue 13), CLI."""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import threading
 from pathlib import Path
 
@@ -12,7 +15,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from typer.testing import CliRunner
 
-from medlens.audit import AuditLog
+from medlens.audit import AuditLog, Verification
+from medlens.audit.store import GENESIS, _legacy_hash
 from medlens.knowledge import load_domain
 from medlens.pipeline import MedLens
 
@@ -105,7 +109,7 @@ def test_site_can_store_inputs_and_identifiers(
 def test_append_only_and_tamper_evident(log: AuditLog, analysis: dict) -> None:
     for i in range(3):
         _append(log, analysis, f"req-{i}")
-    assert log.verify() == (True, 3, None)
+    assert log.verify() == Verification(True, 3)
     for stmt in (
         "UPDATE medlens_audit SET triage_level='routine' WHERE id='req-1'",
         "DELETE FROM medlens_audit WHERE id='req-1'",
@@ -117,7 +121,9 @@ def test_append_only_and_tamper_evident(log: AuditLog, analysis: dict) -> None:
     with log.engine.begin() as c:
         c.execute(text("DROP TRIGGER medlens_audit_no_update"))
         c.execute(text("UPDATE medlens_audit SET api_key_id='someone' WHERE id='req-1'"))
-    assert log.verify() == (False, 2, "req-1")
+    result = log.verify()
+    assert (result.ok, result.checked, result.bad_id) == (False, 2, "req-1")
+    assert "does not match its HMAC" in result.reason
 
 
 def test_concurrent_appends_keep_the_chain(log: AuditLog, analysis: dict) -> None:
@@ -127,7 +133,7 @@ def test_concurrent_appends_keep_the_chain(log: AuditLog, analysis: dict) -> Non
     for t in threads:
         t.join()
     assert log.count() == 16
-    assert log.verify() == (True, 16, None)
+    assert log.verify() == Verification(True, 16)
     assert [r.seq for r in log.list(100)] == list(range(16, 0, -1))
 
 
@@ -136,7 +142,7 @@ def test_second_process_view_and_reopen(tmp_path: Path, analysis: dict) -> None:
     a, b = AuditLog(url), AuditLog(url)
     _append(a, analysis, "one")
     _append(b, analysis, "two")
-    assert AuditLog(url).verify() == (True, 2, None)
+    assert AuditLog(url).verify() == Verification(True, 2)
 
 
 def _cli() -> typer.Typer:
@@ -181,6 +187,8 @@ def pg_log() -> AuditLog:
     audit = AuditLog(url)
     with audit.engine.begin() as c:  # a clean table per test run
         c.execute(text("DROP TABLE IF EXISTS medlens_audit CASCADE"))
+        c.execute(text("DROP TABLE IF EXISTS medlens_audit_head"))
+    audit.head_file.unlink(missing_ok=True)
     audit.close()
     audit = AuditLog(url)
     yield audit
@@ -196,7 +204,7 @@ def test_postgres_append_only_chain_and_concurrency(pg_log: AuditLog, analysis: 
     for t in threads:
         t.join()
     assert pg_log.count() == 8
-    assert pg_log.verify() == (True, 8, None)
+    assert pg_log.verify() == Verification(True, 8)
     for stmt in (
         "UPDATE medlens_audit SET triage_level='routine' WHERE id='pg-1'",
         "DELETE FROM medlens_audit WHERE id='pg-1'",
@@ -204,3 +212,185 @@ def test_postgres_append_only_chain_and_concurrency(pg_log: AuditLog, analysis: 
         with pytest.raises(SQLAlchemyError, match="append-only"), pg_log.engine.begin() as c:
             c.execute(text(stmt))
     assert pg_log.count() == 8
+    # The signed head lives in PostgreSQL too: a tail cut by someone who can drop the
+    # trigger is reported.
+    with pg_log.engine.begin() as c:
+        c.execute(text("DROP TRIGGER medlens_audit_no_change ON medlens_audit"))
+        c.execute(
+            text("DELETE FROM medlens_audit WHERE seq = (SELECT max(seq) FROM medlens_audit)")
+        )
+    result = pg_log.verify()
+    assert not result.ok and "holds 7 records but its signed head says 8" in result.reason
+
+
+# ------------------------------------------------ tamper evidence: the attack matrix
+
+
+def _drop_triggers(log: AuditLog) -> None:
+    """What someone with write access to the database file can do."""
+    with log.engine.begin() as c:
+        c.execute(text("DROP TRIGGER medlens_audit_no_update"))
+        c.execute(text("DROP TRIGGER medlens_audit_no_delete"))
+
+
+def _edit_and_rehash(log: AuditLog) -> None:
+    """Edit a record and re-hash it and every later one with plain SHA-256 (no key)."""
+    _drop_triggers(log)
+    rows = list(log.iter_all())
+    rows[1]["triage_level"] = "routine"
+    prev = GENESIS
+    with log.engine.begin() as c:
+        for row in rows:
+            row["prev_hash"] = prev
+            row["record_hash"] = prev = _legacy_hash(row)
+            c.execute(
+                text("UPDATE medlens_audit SET triage_level=:t, prev_hash=:p, record_hash=:h "
+                     "WHERE seq=:s"),
+                {"t": row["triage_level"], "p": row["prev_hash"], "h": row["record_hash"],
+                 "s": row["seq"]},
+            )  # fmt: skip
+
+
+def _tail_cut(log: AuditLog) -> None:
+    _drop_triggers(log)
+    with log.engine.begin() as c:
+        last = c.execute(text("SELECT max(seq) FROM medlens_audit")).scalar()
+        c.execute(text("DELETE FROM medlens_audit WHERE seq = :s"), {"s": last})
+
+
+def _tail_cut_and_head_row(log: AuditLog) -> None:
+    _tail_cut(log)
+    with log.engine.begin() as c:
+        c.execute(text("DELETE FROM medlens_audit_head"))
+
+
+def _middle_delete(log: AuditLog) -> None:
+    _drop_triggers(log)
+    with log.engine.begin() as c:
+        c.execute(text("DELETE FROM medlens_audit WHERE id='a-1'"))
+
+
+def _wipe(log: AuditLog) -> None:
+    _drop_triggers(log)
+    with log.engine.begin() as c:
+        c.execute(text("DELETE FROM medlens_audit"))
+        c.execute(text("DELETE FROM medlens_audit_head"))
+
+
+def _delete_file(log: AuditLog) -> None:
+    log.close()
+    path = Path(log.url.split(":///", 1)[1])
+    for p in (path, *path.parent.glob(path.name + "-*")):
+        p.unlink()
+
+
+ATTACKS = {
+    "edit_rehash_sha256": (_edit_and_rehash, "record a-0 does not match its HMAC"),
+    "tail_cut": (_tail_cut, "holds 3 records but its signed head says 4"),
+    "tail_cut_and_head_row": (_tail_cut_and_head_row, "signed head record is missing"),
+    "middle_delete": (_middle_delete, "record a-2 does not follow the record before it"),
+    "wipe_all_rows": (_wipe, "empty (wiped, or deleted and re-created) but the head file says 4"),
+    "delete_db_file": (_delete_file, "head file says 4 records"),
+}
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A MedLens home of its own (key file, head file, audit.db) for one test."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("MEDLENS_HOME", str(home))
+    monkeypatch.delenv("MEDLENS_AUDIT_KEY", raising=False)
+    monkeypatch.delenv("MEDLENS_DB_URL", raising=False)
+    return home
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_every_attack_is_detected(site: Path, analysis: dict, attack: str) -> None:
+    tamper, reason = ATTACKS[attack]
+    log = AuditLog.from_settings()
+    for i in range(4):
+        _append(log, analysis, f"a-{i}")
+    assert log.verify() == Verification(True, 4)
+    tamper(log)
+    log.close()
+    result = AuditLog.from_settings().verify()
+    assert not result.ok
+    assert reason in result.reason, result.reason
+    if attack == "delete_db_file":  # the first open after the deletion knows it
+        assert result.reason.startswith("the audit database was missing")
+    res = CliRunner().invoke(_cli(), ["audit", "verify"])
+    assert res.exit_code == 1
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and reason in lines[0], res.output
+
+
+def test_wrong_key_is_detected(site: Path, analysis: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = AuditLog.from_settings()
+    _append(log, analysis, "k-0")
+    monkeypatch.setenv("MEDLENS_AUDIT_KEY", "not-the-key-this-trail-was-written-with")
+    result = AuditLog.from_settings().verify()
+    assert not result.ok and "audit key is not the one" in result.reason
+    assert CliRunner().invoke(_cli(), ["audit", "verify"]).exit_code == 1
+
+
+def test_untouched_log_verifies_and_the_key_stays_out_of_the_database(
+    site: Path, analysis: dict, tmp_path: Path
+) -> None:
+    log = AuditLog.from_settings()
+    assert log.verify() == Verification(True, 0)  # a new installation: nothing to check
+    for i in range(3):
+        _append(log, analysis, f"u-{i}")
+    log.close()
+    key_file = site / "audit.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(log.head_file.stat().st_mode) == 0o600
+    key = key_file.read_text().strip().encode()
+    blob = b"".join(p.read_bytes() for p in site.glob("audit.db*"))
+    assert key not in blob
+    anchor = tmp_path / "anchor.jsonl"
+    for _ in range(2):
+        res = CliRunner().invoke(_cli(), ["audit", "verify", "--export-head", str(anchor)])
+        assert res.exit_code == 0 and "intact: 3 records" in res.output, res.output
+    heads = [json.loads(x) for x in anchor.read_text().splitlines()]
+    assert len(heads) == 2 and heads[0]["count"] == 3 and heads[0]["mac"] == heads[1]["mac"]
+    assert heads[0]["last_hash"] == AuditLog.from_settings().list(1)[0].record_hash
+
+
+def test_environment_key_is_used_and_never_written(
+    site: Path, analysis: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MEDLENS_AUDIT_KEY", "a-site-secret-from-the-vault-0123456789")
+    log = AuditLog.from_settings()
+    _append(log, analysis, "e-0")
+    assert log.verify() == Verification(True, 1)
+    assert not (site / "audit.key").exists()
+    monkeypatch.delenv("MEDLENS_AUDIT_KEY")
+    assert not AuditLog.from_settings().verify().ok  # the generated key is another key
+
+
+def test_legacy_unkeyed_chain_is_named_not_a_crash(site: Path, analysis: dict) -> None:
+    """A database from before the keyed chain: plain SHA-256 rows, no signed head."""
+    log = AuditLog.from_settings()
+    rec = _append(log, analysis, "old-0")
+    row = next(log.iter_all())
+    _drop_triggers(log)
+    row["record_hash"] = _legacy_hash(row)
+    with log.engine.begin() as c:
+        c.execute(text("UPDATE medlens_audit SET record_hash=:h"), {"h": row["record_hash"]})
+        c.execute(text("DELETE FROM medlens_audit_head"))
+    log.head_file.unlink()
+    result = log.verify()
+    assert (result.ok, result.bad_id) == (False, rec.id)
+    assert result.reason.startswith("unkeyed legacy chain")
+    res = CliRunner().invoke(_cli(), ["audit", "verify"])
+    assert res.exit_code == 1 and "unkeyed legacy chain" in res.output
+
+
+def test_key_file_that_is_cut_is_a_config_error(site: Path) -> None:
+    from medlens.errors import ConfigError
+
+    site.mkdir(parents=True)
+    (site / "audit.key").write_text("abc\n")
+    os.chmod(site / "audit.key", 0o600)
+    with pytest.raises(ConfigError, match="too short; restore it from backup"):
+        AuditLog.from_settings()

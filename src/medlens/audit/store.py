@@ -1,8 +1,17 @@
 """The audit trail: one append-only row per analysis, in SQLite or PostgreSQL.
 
-Why a hash chain as well as database triggers: triggers stop accidental UPDATE/DELETE
-through the database, and the chain (each row hashes the previous row's hash) lets
-``verify()`` prove afterwards that no row was changed or removed by other means.
+Why a keyed chain and a signed head as well as database triggers: triggers stop
+accidental UPDATE/DELETE through the database; the chain (each row's HMAC-SHA256 covers
+the previous row's) lets ``verify()`` prove afterwards that no row was changed, inserted
+or removed in the middle. The HMAC key is kept apart from the database
+(``MEDLENS_AUDIT_KEY``, else a 0600 key file under ``MEDLENS_HOME``), so someone who can
+write the database cannot re-hash an edited row. A signed head (row count + last hash,
+HMAC'd) is kept twice: in its own table, updated in the same transaction as each append
+(so several writers agree), and in a 0600 head file next to the key (so a wiped table or
+a deleted database file does not look like a new, empty log). Truncation, middle
+deletion, edit with re-hash, wipe, a missing database and a wrong key are all reported by
+``verify()`` with the reason. Rows written before the key existed are an "unkeyed legacy
+chain". ``head()`` is the record to export to an external anchor (see docs/service.md).
 
 What is stored: request id, time, API-key id, model name and fingerprint, MedLens and
 knowledge-pack versions, the case-library version, the input's sha256 and the analysis
@@ -15,8 +24,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
+import os
+import secrets
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -44,6 +57,7 @@ from medlens.config import Settings, get_settings
 from medlens.errors import ConfigError
 
 TABLE = "medlens_audit"
+HEAD_TABLE = "medlens_audit_head"
 GENESIS = "0" * 64
 _metadata = MetaData()
 audit_table = Table(
@@ -68,6 +82,17 @@ audit_table = Table(
     Column("identifiers", Text, nullable=True),
     Column("prev_hash", String(64), nullable=False),
     Column("record_hash", String(64), nullable=False),
+)
+
+# The signed head: one row (id 1), rewritten with each append in the same transaction.
+head_table = Table(
+    HEAD_TABLE,
+    _metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("count", Integer, nullable=False),
+    Column("last_hash", String(64), nullable=False),
+    Column("key_id", String(16), nullable=False),
+    Column("mac", String(64), nullable=False),
 )
 
 _SQLITE_TRIGGERS = [
@@ -118,7 +143,17 @@ class AuditRecord:
         return asdict(self)
 
 
-def _record_hash(row: dict[str, Any]) -> str:
+@dataclass(frozen=True)
+class Verification:
+    """The result of ``AuditLog.verify()``: ``reason`` names the problem when not ``ok``."""
+
+    ok: bool
+    checked: int
+    bad_id: str | None = None
+    reason: str | None = None
+
+
+def _payload(row: dict[str, Any]) -> bytes:
     payload = {}
     for name in _HASHED:
         value = row.get(name)
@@ -126,7 +161,58 @@ def _record_hash(row: dict[str, Any]) -> str:
             value = "sha256:" + hashlib.sha256(bytes(value)).hexdigest()
         payload[name] = value
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return blob.encode()
+
+
+def _record_hash(row: dict[str, Any], key: bytes) -> str:
+    """HMAC-SHA256 of the row's chained fields (the previous row's hash among them)."""
+    return hmac.new(key, _payload(row), hashlib.sha256).hexdigest()
+
+
+def _legacy_hash(row: dict[str, Any]) -> str:
+    """The unkeyed SHA-256 older versions wrote (only to recognise a legacy chain)."""
+    return hashlib.sha256(_payload(row)).hexdigest()
+
+
+def _key_id(key: bytes) -> str:
+    return hmac.new(key, b"medlens-audit-key-id", hashlib.sha256).hexdigest()[:16]
+
+
+def _head_mac(key: bytes, count: int, last_hash: str) -> str:
+    msg = f"medlens-audit-head-v1|{count}|{last_hash}".encode()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def audit_key(settings: Settings) -> bytes:
+    """MEDLENS_AUDIT_KEY, else the key file under MEDLENS_HOME (created 0600 on first use)."""
+    if settings.audit_key:
+        return settings.audit_key.encode()
+    path = settings.audit_key_file
+    try:
+        raw = path.read_text().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        new = secrets.token_hex(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first: wait for its write
+            for _ in range(50):
+                raw = path.read_text().strip()
+                if raw:
+                    break
+                time.sleep(0.02)
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(new + "\n")
+            raw = new
+    except OSError as exc:
+        raise ConfigError(f"cannot read the audit key file {path}: {exc.strerror}") from exc
+    if len(raw) < 32:
+        raise ConfigError(
+            f"the audit key file {path} is empty or too short; restore it from backup "
+            "(a new key cannot verify the existing trail)"
+        )
+    return raw.encode()
 
 
 def _medlens_version() -> str:
@@ -138,10 +224,18 @@ def _medlens_version() -> str:
 class AuditLog:
     """Append-only audit trail behind one SQLAlchemy engine (thread-safe)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, settings: Settings | None = None, key: bytes | None = None):
+        """``key`` defaults to ``audit_key(settings)``; the head file lives in the key's
+        folder (``settings.home``), one per database URL."""
+        settings = settings or get_settings()
         self.url = url
         self._lock = threading.Lock()
+        self._key = key if key is not None else audit_key(settings)
+        self.key_id = _key_id(self._key)
         self.engine = self._make_engine(url)
+        self.missing_at_open = self._sqlite_missing(url)
+        tag = hashlib.sha256(self.safe_url.encode()).hexdigest()[:16]
+        self.head_file = settings.home / f"audit-head-{tag}.json"
         try:
             _metadata.create_all(self.engine)
             self._install_triggers()
@@ -150,7 +244,15 @@ class AuditLog:
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> AuditLog:
-        return cls((settings or get_settings()).audit_db_url)
+        settings = settings or get_settings()
+        return cls(settings.audit_db_url, settings=settings)
+
+    @staticmethod
+    def _sqlite_missing(url: str) -> bool:
+        if not url.startswith("sqlite"):
+            return False
+        path = url.split(":///", 1)[-1]
+        return bool(path) and path != ":memory:" and not Path(path).expanduser().exists()
 
     @property
     def safe_url(self) -> str:
@@ -229,16 +331,71 @@ class AuditLog:
             "input_bytes": input_bytes,
             "identifiers": json.dumps(identifiers, sort_keys=True) if identifiers else None,
         }
-        with self._lock, self.engine.begin() as conn:
+        with self._lock:
+            seq, signed = self._insert(row)
+            self._write_head_file(signed)  # under the lock: one writer of the file per process
+        return self._to_record({**row, "seq": seq})
+
+    def _insert(self, row: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Chain, insert and re-sign the head in one transaction (serialised across
+        processes: SQLite BEGIN IMMEDIATE, a PostgreSQL advisory lock)."""
+        with self.engine.begin() as conn:
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
             last = conn.execute(
                 select(audit_table.c.record_hash).order_by(audit_table.c.seq.desc()).limit(1)
             ).scalar()
+            head = conn.execute(select(head_table.c.count).where(head_table.c.id == 1)).scalar()
+            if head is None:  # first keyed append (an empty or a legacy table)
+                head = conn.execute(select(func.count()).select_from(audit_table)).scalar()
             row["prev_hash"] = last or GENESIS
-            row["record_hash"] = _record_hash(row)
+            row["record_hash"] = _record_hash(row, self._key)
             seq = conn.execute(audit_table.insert().values(**row)).inserted_primary_key[0]
-        return self._to_record({**row, "seq": seq})
+            count = int(head or 0) + 1
+            signed = {
+                "count": count,
+                "last_hash": row["record_hash"],
+                "key_id": self.key_id,
+                "mac": _head_mac(self._key, count, row["record_hash"]),
+            }
+            done = conn.execute(head_table.update().where(head_table.c.id == 1).values(**signed))
+            if done.rowcount == 0:
+                conn.execute(head_table.insert().values(id=1, **signed))
+        return seq, signed
+
+    # -- the signed head ---------------------------------------------------------------
+    def head(self) -> dict[str, Any]:
+        """The signed head as stored in the database (count, last hash, key id, HMAC), with
+        the time: the record to append to an external anchor (``audit verify --export-head``)."""
+        with self.engine.connect() as conn:
+            got = conn.execute(select(head_table).where(head_table.c.id == 1)).mappings().first()
+        head = dict(got) if got else {"count": 0, "last_hash": GENESIS, "key_id": self.key_id}
+        head.pop("id", None)
+        head.setdefault("mac", _head_mac(self._key, 0, GENESIS))
+        return {"at": datetime.now(UTC).isoformat(timespec="seconds"), **head}
+
+    def _read_head_file(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.head_file.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def _write_head_file(self, signed: dict[str, Any]) -> None:
+        """Keep the head file at the newest head this host wrote (never move it back; a
+        concurrent writer may have written a later one already)."""
+        current = self._read_head_file() or {}
+        if isinstance(current.get("count"), int) and current["count"] >= signed["count"]:
+            return
+        self.head_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.head_file.with_name(
+            f".{self.head_file.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        )
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({"url": self.safe_url, **signed}, sort_keys=True) + "\n")
+        os.replace(tmp, self.head_file)
 
     # -- reading -----------------------------------------------------------------------
     def list(self, limit: int = 50, *, newest_first: bool = True) -> list[AuditRecord]:
@@ -291,15 +448,101 @@ class AuditLog:
             n += 1
         return n
 
-    def verify(self) -> tuple[bool, int, str | None]:
-        """Walk the hash chain: (intact, rows checked, id of the first bad row or None)."""
-        prev, n = GENESIS, 0
+    def verify(self) -> Verification:
+        """Walk the HMAC chain and check it against both signed heads; the first problem
+        found is the ``reason``. A check that raced with an append (the head moved while
+        the rows were read) is repeated, up to three times."""
+        for _ in range(3):
+            before = self._db_head()
+            result = self._verify_once(before)
+            if result.ok or self._db_head() == before:
+                return result
+        return result
+
+    def _db_head(self) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            got = conn.execute(select(head_table).where(head_table.c.id == 1)).mappings().first()
+        return dict(got) if got else None
+
+    def _verify_once(self, db_head: dict[str, Any] | None) -> Verification:
+        file_head = self._read_head_file()
+        if db_head is not None and db_head["key_id"] != self.key_id:
+            return Verification(
+                False, 0, None,
+                "the audit key is not the one this trail was written with "
+                "(check MEDLENS_AUDIT_KEY or the key file)",
+            )  # fmt: skip
+        anchor_at = file_head.get("count") if isinstance(file_head, dict) else None
+        prev, n, anchor = GENESIS, 0, None
         for row in self.iter_all():
             n += 1
-            if row["prev_hash"] != prev or _record_hash(row) != row["record_hash"]:
-                return False, n, row["id"]
+            if row["record_hash"] != _record_hash(row, self._key):
+                if n == 1 and db_head is None and row["record_hash"] == _legacy_hash(row):
+                    return Verification(
+                        False, n, row["id"],
+                        "unkeyed legacy chain: these records were written before keyed "
+                        "auditing; export them (medlens audit export) and start a new database",
+                    )  # fmt: skip
+                return Verification(
+                    False, n, row["id"],
+                    f"record {row['id']} does not match its HMAC: it was altered "
+                    "(re-hashing without the key does not help)",
+                )  # fmt: skip
+            if row["prev_hash"] != prev:
+                return Verification(
+                    False, n, row["id"],
+                    f"record {row['id']} does not follow the record before it: "
+                    "records were deleted or inserted",
+                )  # fmt: skip
             prev = row["record_hash"]
-        return True, n, None
+            if n == anchor_at:
+                anchor = prev
+        return self._check_heads(n, prev, anchor, db_head, file_head)
+
+    def _check_heads(
+        self,
+        n: int,
+        last: str,
+        anchor: str | None,
+        db_head: dict[str, Any] | None,
+        file_head: dict[str, Any] | None,
+    ) -> Verification:
+        def broken(reason: str) -> Verification:
+            return Verification(False, n, None, reason)
+
+        if db_head is None:
+            if n:
+                return broken(f"the signed head record is missing while {n} records remain")
+        elif db_head["mac"] != _head_mac(self._key, db_head["count"], db_head["last_hash"]):
+            return broken("the signed head record does not verify: it was altered")
+        elif db_head["count"] != n or db_head["last_hash"] != last:
+            return broken(
+                f"the database holds {n} records but its signed head says {db_head['count']}: "
+                "records were removed from the end"
+            )
+        if file_head is None:
+            if n:
+                return broken(f"the head file {self.head_file} is missing")
+            return Verification(True, 0)
+        count, mac = file_head.get("count"), file_head.get("mac")
+        lhash = file_head.get("last_hash")
+        if not isinstance(count, int) or mac != _head_mac(self._key, count, str(lhash)):
+            return broken(f"the head file {self.head_file} does not verify")
+        if count > n:
+            if self.missing_at_open:
+                return broken(f"the audit database was missing; the head file says {count} records")
+            if n == 0:
+                return broken(
+                    "the audit database is empty (wiped, or deleted and re-created) but the "
+                    f"head file says {count} records"
+                )
+            return broken(
+                f"the head file says {count} records, the database holds {n}: "
+                "records were deleted or the table wiped"
+            )
+        if count and anchor != lhash:
+            return broken(f"record #{count} is not the one the head file signed: log rewritten")
+        return Verification(True, n)
 
     @staticmethod
     def _to_record(row: dict[str, Any]) -> AuditRecord:

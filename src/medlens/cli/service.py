@@ -199,14 +199,33 @@ def audit_export(
     err.print(f"exported {n} records to {out}")
 
 
-def audit_verify(*, settings: Settings) -> None:
-    """Check the hash chain: exit 1 if any record was altered or removed."""
-    ok, n, bad = _audit(settings).verify()
-    if ok:
-        _console().print(f"audit trail intact: {n} records")
-        return
-    err.print(f"[red]audit trail broken at record {bad}[/red] ({n} checked)")
-    raise typer.Exit(1)
+def audit_verify(
+    export_head: Path | None = typer.Option(
+        None,
+        "--export-head",
+        help="After a successful check, append the signed head (count, last hash, HMAC) as "
+        "one JSON line to this file: the external anchor (docs/service.md).",
+    ),
+    *,
+    settings: Settings,
+) -> None:
+    """Check the HMAC chain and its signed heads: exit 1 (one line naming the problem) if any
+    record was altered, removed or the database wiped or replaced."""
+    log = _audit(settings)
+    result = log.verify()
+    if not result.ok:
+        err.print(
+            f"audit trail broken: {result.reason} ({result.checked} checked)",
+            soft_wrap=True,
+            markup=False,
+        )
+        raise typer.Exit(1)
+    _console().print(f"audit trail intact: {result.checked} records")
+    if export_head is not None:
+        export_head.parent.mkdir(parents=True, exist_ok=True)
+        with open(export_head, "a") as fh:
+            fh.write(json.dumps(log.head(), sort_keys=True) + "\n")
+        err.print(f"signed head appended to {export_head}")
 
 
 # -- demo --------------------------------------------------------------------------------
