@@ -24,7 +24,8 @@ def cache_info(as_json: bool = typer.Option(False, "--json"), *, settings: Setti
     out = Console()
     out.print(f"{info['path']}: {info['entries']} embeddings, {info['bytes'] / 2**20:.1f} MiB")
     for g in info["groups"]:
-        out.print(f"  {g['model']} {g.get('name') or ''} {g['kind']}: {g['entries']}")
+        name = g.get("name") or ""
+        out.print(f"  {g['model']} {name} {g['kind']} {g.get('view', '')}: {g['entries']}")
 
 
 def cache_prune(
