@@ -188,3 +188,37 @@ def test_patient_identifiers_never_reach_output_logs_or_caches(data_dir, tmp_pat
     for p in written:
         blob = p.read_bytes()
         assert not any(s.encode() in blob for s in secrets), p
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "US1_UNCR.dcm"])
+def test_dicom_outside_every_pack_abstains(name: str) -> None:
+    """A CT, MR or ultrasound object is not scored as skin or chest: a typed error, exit 2,
+    never a differential or a triage (the packs' dicom rules decide)."""
+    from pydicom.data import get_testdata_file
+
+    from medlens.errors import OutOfDomain
+    from medlens.pipeline import MedLens
+
+    path = get_testdata_file(name)
+    with pytest.raises(OutOfDomain, match="abstains"):
+        MedLens(retrieval=False).analyze(path)
+    with pytest.raises(OutOfDomain):  # a forced domain does not override the header
+        MedLens(retrieval=False).analyze(path, domain="dermatology")
+    res = runner.invoke(app, ["analyze", str(path), "--json"])
+    assert res.exit_code == 2 and "OutOfDomain" in res.output and not res.stdout.strip()
+
+
+def test_a_radiograph_of_another_body_part_abstains(data_dir, tmp_path) -> None:
+    import pydicom
+
+    from medlens.errors import OutOfDomain
+    from medlens.pipeline import MedLens
+
+    ds = pydicom.dcmread(data_dir / DICOM)
+    ds.BodyPartExamined = "HAND"
+    path = tmp_path / "hand.dcm"
+    ds.save_as(path)
+    with pytest.raises(OutOfDomain, match="HAND"):
+        MedLens(retrieval=False).analyze(path)
+    chest = MedLens(retrieval=False).analyze(data_dir / DICOM)
+    assert chest.domain == "chest_xray" and chest.domain_source == "dicom"

@@ -29,6 +29,11 @@ class ImageTooLarge(InputError):
     """The file exceeds the byte or pixel limits (decompression-bomb guard)."""
 
 
+class OutOfDomain(InputError):
+    """The input is not an image any knowledge pack covers (a CT or MR series, a
+    radiograph of a hand): MedLens abstains rather than guess a diagnosis."""
+
+
 class ExtremeAspectRatio(InputError):
     """The image is far longer than it is wide (or the reverse): not a photo or radiograph,
     and resizing its short side to the model's input would need gigabytes."""

@@ -23,7 +23,7 @@ from medlens.analysis.result import (  # noqa: F401  (DISCLAIMER, SCHEMA_VERSION
 from medlens.analysis.symptoms import clean_symptoms, text_hash
 from medlens.analysis.triage import triage
 from medlens.config import Settings, get_settings
-from medlens.errors import ConfigError, MedLensError
+from medlens.errors import ConfigError, MedLensError, OutOfDomain
 from medlens.io import DecodedImage, load_image
 from medlens.knowledge import KnowledgePack, domains, load_domain, use_pack_dirs
 from medlens.models.base import ensemble, flipped
@@ -112,6 +112,8 @@ class MedLens:
         t0 = time.perf_counter()
         decoded = self.decode(image, filename)
         timings["decode"] = (time.perf_counter() - t0) * 1000
+        if (why := domain_mod.unsupported_dicom(decoded.context)) is not None:
+            raise OutOfDomain(f"{why}: MedLens abstains rather than guess")
 
         t1 = time.perf_counter()
         enc = self.encoder

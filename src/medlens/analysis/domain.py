@@ -30,6 +30,23 @@ def domain_scores(
     return softmax(float(encoder.logit_scale) * (np.atleast_2d(image_emb) @ emb.T), axis=1)
 
 
+def unsupported_dicom(context: StudyContext | None) -> str | None:
+    """Why a DICOM study is outside every pack (its Modality, or Body Part Examined,
+    matches no pack's ``dicom`` rule), or None when it is not, or says nothing."""
+    if context is None or context.source_format != "dicom" or not context.modality:
+        return None
+    if domain_from_context(context) is not None:
+        return None
+    modality = context.modality.upper()
+    accepted = sorted({m for d in domains() for m in load_domain(d).domain.dicom.modalities})
+    if modality not in accepted:
+        return f"DICOM modality {modality} is not one MedLens analyses ({', '.join(accepted)})"
+    return (
+        f"a DICOM {modality} of body part {context.body_part or 'unknown'} is outside every "
+        "knowledge pack (chest radiographs and skin images only)"
+    )
+
+
 def domain_from_context(context: StudyContext | None) -> str | None:
     """The domain whose ``dicom`` rule the study's header matches, if any."""
     if context is None or context.source_format != "dicom":

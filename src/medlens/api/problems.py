@@ -27,6 +27,7 @@ from medlens.errors import (
     MedLensError,
     ModelUnavailable,
     NoPixelData,
+    OutOfDomain,
     UnsupportedImage,
 )
 
@@ -40,6 +41,7 @@ STATUS_BY_ERROR: list[tuple[type[MedLensError], int, str]] = [
     (UnsupportedImage, 415, "Unsupported image type"),
     (ImageTooLarge, 413, "Image too large"),
     (ExtremeAspectRatio, 422, "Extreme aspect ratio"),
+    (OutOfDomain, 422, "Out of domain"),
     (EmptyInput, 400, "Empty input"),
     (CorruptImage, 422, "Corrupt image"),
     (NoPixelData, 422, "No pixel data"),
