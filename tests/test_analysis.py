@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medlens.analysis import zeroshot
+from medlens.analysis import scoring, zeroshot
 from medlens.analysis.symptoms import clean_symptoms
 from medlens.analysis.triage import level_thresholds, triage
 from medlens.errors import EmptyInput, InvalidText
@@ -27,8 +27,8 @@ def test_single_label_probabilities_sum_to_one_and_follow_similarity():
 
 
 def test_multi_label_is_sigmoid_of_difference_to_reference():
-    logits = np.array([[3.0, -1.0, 0.0]])
-    p = zeroshot.multi_label_probs(logits, np.array([0.0]))
+    logits = np.array([[3.0, -1.0, 0.0]])  # already relative to a reference logit of 0
+    p = scoring.probabilities(logits, "multi_label")
     assert p[0, 2] == pytest.approx(0.5)
     assert p[0, 0] == pytest.approx(1 / (1 + np.exp(-3.0)))
     assert 0 < p[0, 1] < 0.5

@@ -76,20 +76,13 @@ def fit_temperature_multilabel(
     bounds: tuple[float, float] = T_BOUNDS,
 ) -> float:
     """Temperature minimising the per-finding binary NLL of multi-label ``logits`` (N, K)
-    (each finding's logit relative to the domain's reference, as ``multi_label_probs``
+    (each finding's logit relative to the domain's reference, as ``scoring.probabilities``
     takes it) for 0/1 ``targets`` (N, K). ``mask`` (N, K) marks the entries that carry a
     label; unknown entries are ignored."""
     targets = np.asarray(targets)
     if targets.size == 0 or (mask is not None and not np.asarray(mask).any()):
         return 1.0
     return _fit(lambda t: sigmoid_nll(logits, targets, t, mask), bounds)
-
-
-def softmax_nll_bias(
-    logits: np.ndarray, y: np.ndarray, temperature: float, bias: np.ndarray
-) -> float:
-    """Mean NLL of ``y`` under softmax((logits + bias) / T)."""
-    return softmax_nll(np.asarray(logits, np.float64) + bias, y, temperature)
 
 
 def fit_temperature_and_bias(
@@ -130,10 +123,3 @@ def fit_temperature_and_bias(
         bounds=[(lo, hi)] + [(None, None)] * k,
     )
     return float(np.exp(res.x[0])), res.x[1:]
-
-
-def bias_vector(calibration: dict, domain: str, finding_ids: list[str]) -> np.ndarray:
-    """The stored per-finding logit offsets of ``domain`` in ``finding_ids`` order (zero
-    where none is stored: encoders calibrated by temperature only)."""
-    stored = (calibration.get("bias") or {}).get(domain) or {}
-    return np.array([float(stored.get(f, 0.0)) for f in finding_ids], dtype=np.float64)

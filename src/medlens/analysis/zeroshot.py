@@ -65,14 +65,3 @@ def similarity_logits(image_emb: np.ndarray, class_emb: np.ndarray, scale: float
 def single_label_probs(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Softmax over findings: the probabilities of a differential sum to 1."""
     return softmax(np.atleast_2d(logits) / float(temperature), axis=1)
-
-
-def multi_label_probs(
-    logits: np.ndarray, reference_logit: np.ndarray, temperature: float = 1.0
-) -> np.ndarray:
-    """Per-finding probability against the reference ("normal") prompt.
-
-    ``reference_logit`` is (N,) or (N, 1): the scaled similarity to the reference.
-    """
-    ref = np.asarray(reference_logit, dtype=np.float32).reshape(-1, 1)
-    return sigmoid((np.atleast_2d(logits) - ref) / float(temperature))
