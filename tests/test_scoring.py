@@ -109,3 +109,34 @@ def test_probabilities_are_finite_for_extreme_logits(task: str) -> None:
     z = np.array([[1e4, -1e4, 0.0]])
     p = scoring.probabilities(z, task, 1.0)
     assert np.isfinite(p).all()
+
+
+def test_a_corrupt_or_non_finite_card_is_an_error_never_a_score(tmp_path: Path) -> None:
+    from medlens.errors import ModelUnavailable
+    from medlens.models import load_encoder
+
+    enc = load_encoder("lite")
+    path = tmp_path / f"{enc.fingerprint}.json"
+    path.write_text("{not json")
+    with pytest.raises(ModelUnavailable, match="corrupt"):
+        card_for(enc, tmp_path)
+    path.write_text(
+        json.dumps({"fingerprint": enc.fingerprint, "calibration": {"temperature": {"x": "nan"}}})
+    )
+    with pytest.raises(ModelUnavailable, match="non-finite"):
+        card_for(enc, tmp_path)
+    with pytest.raises(ValueError):
+        Calibration.from_dict({"temperature": {"dermatology": 0.0}})
+
+
+def test_non_finite_scores_raise_instead_of_triaging() -> None:
+    from medlens.errors import ModelUnavailable
+    from medlens.models import load_encoder
+
+    enc = load_encoder("lite")
+    pack = load_domain("dermatology")
+    broken = np.full(enc.dim, np.nan, dtype=np.float32)
+    with pytest.raises(ModelUnavailable, match="non-finite"):
+        scoring.score(enc, pack, broken, Calibration())
+    ok = scoring.score(enc, pack, _unit(1, enc.dim)[0], Calibration())
+    assert np.isclose(ok.probabilities.sum(), 1.0)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from medlens.analysis import zeroshot
+from medlens.errors import ModelUnavailable
 from medlens.knowledge import KnowledgePack
 from medlens.models.base import Encoder
 from medlens.models.card import Calibration
@@ -125,4 +126,11 @@ def score(
         z_sym = finding_logits(encoder, pack, symptom_emb, prompt_cache)[0]
         sym_p = zeroshot.single_label_probs(z_sym)[0]
     z = fuse(z_img, z_sym, symptom_weight)
-    return Scores(z, calibrated(z, pack, calibration)[0], sym_p)
+    p = calibrated(z, pack, calibration)[0]
+    if not np.isfinite(p).all():  # corrupted weights or cache: never a triage
+        raise ModelUnavailable(
+            f"the model produced non-finite scores for {pack.id} (corrupted weights, prompt "
+            "cache or calibration?): no result; reinstall the model or run "
+            "`medlens cache prune --all`"
+        )
+    return Scores(z, p, sym_p)

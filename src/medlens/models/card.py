@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from medlens.errors import ModelUnavailable
+
 CARD_FORMAT = "medlens-model-card/1"
 
 
@@ -44,8 +46,10 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> Calibration:
+        """Parse and check: temperatures must be finite and positive, offsets and
+        thresholds finite (ValueError otherwise: a broken card never scores)."""
         raw = dict(raw or {})
-        return cls(
+        cal = cls(
             temperature={k: float(v) for k, v in (raw.pop("temperature", None) or {}).items()},
             bias={
                 d: {f: float(b) for f, b in (v or {}).items()}
@@ -57,6 +61,11 @@ class Calibration:
             },
             extra=raw,
         )
+        values = [*cal.temperature.values()]
+        values += [v for d in (*cal.bias.values(), *cal.thresholds.values()) for v in d.values()]
+        if not all(np.isfinite(v) for v in values) or any(t <= 0 for t in cal.temperature.values()):
+            raise ValueError("non-finite or non-positive calibration values")
+        return cal
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,17 +155,26 @@ def card_for(encoder: Any, cards_dir: Path | None = None) -> ModelCard:
     if cards_dir is not None:
         path = card_path(cards_dir, encoder.fingerprint)
         if path.is_file():
-            raw = json.loads(path.read_text("utf-8"))
-            if raw.get("fingerprint") == encoder.fingerprint:
-                return ModelCard(
-                    **base,
-                    calibration=Calibration.from_dict(raw.get("calibration")),
-                    source="home",
-                )
+            try:
+                raw = json.loads(path.read_text("utf-8"))
+                found = raw.get("fingerprint") == encoder.fingerprint
+                cal = Calibration.from_dict(raw.get("calibration")) if found else None
+            except (OSError, ValueError, TypeError, AttributeError) as exc:
+                raise ModelUnavailable(
+                    f"the model card {path} is unreadable or corrupt ({exc}); delete it or "
+                    "re-run `medlens calibrate --write`"
+                ) from None
+            if cal is not None:
+                return ModelCard(**base, calibration=cal, source="home")
     if meta.get("calibration"):
-        return ModelCard(
-            **base, calibration=Calibration.from_dict(meta["calibration"]), source="weights"
-        )
+        try:
+            cal = Calibration.from_dict(meta["calibration"])
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ModelUnavailable(
+                f"the calibration shipped with model {base['name']} is corrupt ({exc}); "
+                "reinstall the weights or re-run `medlens calibrate --write`"
+            ) from None
+        return ModelCard(**base, calibration=cal, source="weights")
     return ModelCard(**base)
 
 
