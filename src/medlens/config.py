@@ -102,6 +102,16 @@ class Settings:
         )
     )
     ui_port: int = field(default_factory=lambda: _env_int("MEDLENS_UI_PORT", 8501))
+    # The UI has no login of its own: it binds to loopback unless it sits behind an
+    # authenticating reverse proxy (docs/service.md) and this says so.
+    ui_behind_proxy: bool = field(
+        default_factory=lambda: _env_bool("MEDLENS_UI_BEHIND_PROXY", False)
+    )
+    # Base URL clients reach the API at; links in responses (thumbnail_url) are built
+    # from it, never from the request's Host header. Default: http://<api_host>:<api_port>.
+    public_url: str | None = field(
+        default_factory=lambda: (os.environ.get("MEDLENS_PUBLIC_URL") or "").rstrip("/") or None
+    )
     # Audit trail: SQLite under home by default; any SQLAlchemy URL (postgresql+psycopg://...).
     db_url: str | None = field(default_factory=lambda: os.environ.get("MEDLENS_DB_URL") or None)
     # HMAC key of the audit chain; unset: a 0600 key file under home, made on first use.
