@@ -115,17 +115,77 @@ def test_bad_rows_are_never_returned(tmp_path: Path) -> None:
     sp = Space("fp", "image", "plain", "p")
     store.put_many({"good": _vec(1)}, sp)
     con = sqlite3.connect(store.path)
+    cols = "(key, model, kind, view, prep, dim, vec, created, sum) VALUES (?,?,?,?,?,?,?,?,?)"
+    short, nan = _vec(1)[:5].tobytes(), _vec(np.nan).tobytes()
     with con:  # a truncated vector and a non-finite one, written behind the store's back
+        # with checksums that match, so only the length and finiteness checks stop them
         con.execute(
-            "INSERT INTO vectors VALUES (?,?,?,?,?,?,?,?)",
-            ("short", "fp", "image", "plain", "p", 8, _vec(1)[:5].tobytes(), 0.0),
-        )
+            f"INSERT INTO vectors {cols}",
+            ("short", "fp", "image", "plain", "p", 8, short, 0.0,
+             embeddings.row_checksum("short", sp, 8, short)),
+        )  # fmt: skip
         con.execute(
-            "INSERT INTO vectors VALUES (?,?,?,?,?,?,?,?)",
-            ("nan", "fp", "image", "plain", "p", 8, _vec(np.nan).tobytes(), 0.0),
-        )
+            f"INSERT INTO vectors {cols}",
+            ("nan", "fp", "image", "plain", "p", 8, nan, 0.0,
+             embeddings.row_checksum("nan", sp, 8, nan)),
+        )  # fmt: skip
     con.close()
     assert set(store.get_many(["good", "short", "nan"], sp)) == {"good"}
+
+
+@pytest.mark.parametrize("attack", ["rotate", "flip_bit", "truncate", "wrong_view"])
+def test_corrupt_rows_fail_their_checksum_and_heal_on_fill(tmp_path: Path, attack: str) -> None:
+    """The attacks of issue 13: rows rotated between keys (a skin photo scored with
+    another text's vector), a flipped bit, a truncated blob, a row moved to another
+    view. Each reads as a miss, ``fill`` recomputes it and the next read verifies."""
+    store = Store(tmp_path / "c.sqlite3")
+    sp = Space("fp", "text", "text", "p")
+    keys = [f"k{i}" for i in range(4)]
+    truth = {k: _vec(float(i + 1)) for i, k in enumerate(keys)}
+    store.put_many(truth, sp)
+    con = sqlite3.connect(store.path)
+    with con:
+        rows = con.execute("SELECT key, vec FROM vectors ORDER BY key").fetchall()
+        if attack == "rotate":
+            for (key, _), (_, vec) in zip(rows, rows[1:] + rows[:1], strict=True):
+                con.execute("UPDATE vectors SET vec=? WHERE key=?", (vec, key))
+        elif attack == "flip_bit":
+            blob = bytearray(rows[0][1])
+            blob[3] ^= 0x80  # the sign bit of the first float
+            con.execute("UPDATE vectors SET vec=? WHERE key=?", (bytes(blob), rows[0][0]))
+        elif attack == "truncate":
+            con.execute("UPDATE vectors SET vec=? WHERE key=?", (rows[0][1][:16], rows[0][0]))
+        else:
+            con.execute("UPDATE vectors SET view='plain', kind='image' WHERE key=?", (rows[0][0],))
+            con.execute(
+                "UPDATE vectors SET view='text', kind='text' WHERE key=?", (rows[0][0],)
+            )  # moved and back again is fine: only a row copied into another space fails
+            con.execute(
+                "INSERT INTO vectors SELECT key, model, 'image', 'plain', prep, dim, vec, "
+                "created, sum FROM vectors WHERE key=?",
+                (rows[0][0],),
+            )
+    con.close()
+    if attack == "wrong_view":
+        moved = Space("fp", "image", "plain", "p")
+        assert store.get_many(keys[:1], moved) == {}
+        assert store.rejected == 1
+        return
+    got = store.get_many(keys, sp)
+    assert all(np.array_equal(got[k], truth[k]) for k in got)
+    assert len(got) < len(keys) and store.rejected == len(keys) - len(got)
+    calls: list[list[str]] = []
+
+    def compute(batch: list[str]) -> np.ndarray:
+        calls.append(list(batch))
+        return np.stack([truth[k] for k in batch])
+
+    healed = embeddings.fill(keys, keys, sp, compute, store=store)
+    assert np.array_equal(healed, np.stack([truth[k] for k in keys]))
+    assert sorted(k for b in calls for k in b) == sorted(set(keys) - set(got))
+    before = store.rejected
+    again = store.get_many(keys, sp)  # healed: every row verifies now
+    assert len(again) == len(keys) and store.rejected == before
 
 
 def test_migrates_the_old_retrieval_cache_table(tmp_path: Path) -> None:
@@ -148,9 +208,12 @@ def test_migrates_the_old_retrieval_cache_table(tmp_path: Path) -> None:
         con.execute("INSERT INTO models VALUES ('fp','lite',8,1.0)")
     con.close()
     store = Store(db)
-    assert np.array_equal(store.get_many(["h1"], Space("fp", "image", "plain", "p"))["h1"], _vec(3))
-    assert np.array_equal(store.get_many(["t1"], Space("fp", "text", "text", "p"))["t1"], _vec(4))
-    assert store.info()["groups"][0]["name"] == "lite"
+    assert store.info()["entries"] == 2 and store.info()["groups"][0]["name"] == "lite"
+    # Rows from before checksums are not trusted unchecked: they read as misses (and
+    # are recomputed and stamped by the next fill).
+    assert store.get_many(["h1"], Space("fp", "image", "plain", "p")) == {}
+    assert store.get_many(["t1"], Space("fp", "text", "text", "p")) == {}
+    assert store.rejected == 2
     tables = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master")}
     assert "embeddings" not in tables
 

@@ -19,6 +19,13 @@ Key: (content, model, kind, view, prep) → one float32 vector.
 - ``prep``: short hash of the encoder's preprocessing description and of MedLens's own
   decoding (``DECODE_VERSION``): changing either misses instead of reusing.
 
+Integrity: every row carries a checksum of its whole key and its vector
+(``row_checksum``), verified on every read. A row that fails it (bit rot, a truncated or
+hand-edited file, vectors moved between keys) or holds a non-finite value is treated as a
+miss, so ``fill`` recomputes it and overwrites it: the cache heals itself and a corrupt
+entry can never reach a score. (A checksum, not a MAC: it catches corruption; the
+cache is a performance aid under MEDLENS_HOME, not a trust boundary.)
+
 Why SQLite: one file; every write is a transaction, so a killed process leaves no half
 row; WAL lets readers run while another process writes and a busy timeout serialises
 concurrent writers instead of failing them. Lookups and inserts take thousands of keys
@@ -36,6 +43,7 @@ small prompt sets ``analyze()`` scores against on every call.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sqlite3
 import threading
@@ -51,6 +59,7 @@ import numpy as np
 from medlens.datasets.manifest import sha256_file
 from medlens.errors import MedLensError
 
+log = logging.getLogger("medlens")
 T = TypeVar("T")
 Progress = Callable[[int], None]
 
@@ -75,6 +84,7 @@ CREATE TABLE IF NOT EXISTS vectors (
     dim INTEGER NOT NULL,
     vec BLOB NOT NULL,      -- float32 little-endian, dim values
     created REAL NOT NULL,  -- unix time of the write
+    sum TEXT,               -- row checksum (row_checksum): verified on every read
     PRIMARY KEY (key, model, kind, view, prep)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS vectors_created ON vectors (created);
@@ -177,6 +187,7 @@ class Store:
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self.rejected = 0  # rows that failed verification on read (and were recomputed)
         con = self._conn()
         con.execute("BEGIN IMMEDIATE")
         try:
@@ -184,6 +195,7 @@ class Store:
                 if stmt.strip():
                     con.execute(stmt)
             _migrate_v1(con)
+            _migrate_v2(con)
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -202,22 +214,40 @@ class Store:
 
     # -- lookups ----------------------------------------------------------------------
     def get_many(self, keys: Iterable[str], space: Space) -> dict[str, np.ndarray]:
-        """The cached vectors among ``keys`` (misses are simply absent)."""
+        """The cached vectors among ``keys`` whose checksum and values verify; misses,
+        and rows that fail verification (counted in ``self.rejected``), are absent, so
+        the caller recomputes and overwrites them."""
         keys = list(dict.fromkeys(keys))
         out: dict[str, np.ndarray] = {}
         con = self._conn()
+        bad = 0
         for i in range(0, len(keys), _CHUNK):
             chunk = keys[i : i + _CHUNK]
             marks = ",".join("?" * len(chunk))
             rows = con.execute(
-                "SELECT key, dim, vec FROM vectors WHERE model=? AND kind=? AND view=? "
+                "SELECT key, dim, vec, sum FROM vectors WHERE model=? AND kind=? AND view=? "
                 f"AND prep=? AND key IN ({marks})",
                 (space.model, space.kind, space.view, space.prep, *chunk),
             ).fetchall()
-            for key, dim, blob in rows:
-                vec = np.frombuffer(blob, dtype="<f4")
-                if vec.size == dim and np.isfinite(vec).all():  # never trust a bad row
+            for key, dim, blob, checksum in rows:
+                ok = (
+                    isinstance(blob, bytes)
+                    and checksum == row_checksum(key, space, int(dim), blob)
+                    and len(blob) == 4 * int(dim)
+                )
+                vec = np.frombuffer(blob, dtype="<f4") if ok else None
+                if vec is not None and np.isfinite(vec).all():  # never trust a bad row
                     out[key] = vec.astype(np.float32)
+                else:
+                    bad += 1
+        if bad:
+            self.rejected += bad
+            log.warning(
+                "embedding cache: %d row(s) of %s/%s failed verification; recomputing",
+                bad,
+                space.kind,
+                space.view,
+            )
         return out
 
     def put_many(
@@ -231,15 +261,30 @@ class Store:
         for key, vec in pairs:
             v = np.ascontiguousarray(vec, dtype="<f4").ravel()
             if v.size and np.isfinite(v).all():
+                blob = v.tobytes()
                 rows.append(
-                    (key, space.model, space.kind, space.view, space.prep, v.size, v.tobytes(), now)
+                    (
+                        key,
+                        space.model,
+                        space.kind,
+                        space.view,
+                        space.prep,
+                        v.size,
+                        blob,
+                        now,
+                        row_checksum(key, space, v.size, blob),
+                    )
                 )
         if not rows:
             return 0
         con = self._conn()
         con.execute("BEGIN IMMEDIATE")
         try:
-            con.executemany("INSERT OR REPLACE INTO vectors VALUES (?,?,?,?,?,?,?,?)", rows)
+            con.executemany(
+                "INSERT OR REPLACE INTO vectors "
+                "(key, model, kind, view, prep, dim, vec, created, sum) VALUES (?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
             con.execute(
                 "INSERT OR IGNORE INTO models VALUES (?,?,?)", (space.model, space.name, now)
             )
@@ -344,6 +389,26 @@ class Store:
             self._local.con = None
 
 
+def row_checksum(key: str, space: Space, dim: int, blob: bytes) -> str:
+    """sha256 (first 16 hex) over the row's whole key and its vector bytes: a vector
+    moved to another key, model or view fails it as surely as a flipped bit."""
+    h = hashlib.sha256()
+    for part in (key, space.model, space.kind, space.view, space.prep, str(dim)):
+        h.update(part.encode("utf-8"))
+        h.update(b"\x1f")
+    h.update(blob)
+    return h.hexdigest()[:16]
+
+
+def _migrate_v2(con: sqlite3.Connection) -> None:
+    """Add the checksum column to a cache written before it. Old rows keep a NULL
+    checksum, which reads as a miss: they are recomputed (and stamped) on first use
+    rather than trusted unchecked."""
+    cols = {r[1] for r in con.execute("PRAGMA table_info(vectors)").fetchall()}
+    if "sum" not in cols:
+        con.execute("ALTER TABLE vectors ADD COLUMN sum TEXT")
+
+
 def _migrate_v1(con: sqlite3.Connection) -> None:
     """Carry over the retrieval cache's table (same file, keyed (key, model, prep, kind),
     ``prep`` computed as ``prep_version`` is) into ``vectors``, then drop it."""
@@ -351,7 +416,8 @@ def _migrate_v1(con: sqlite3.Connection) -> None:
     if not {"key", "model", "prep", "kind", "dim", "vec", "created"} <= cols:
         return
     con.execute(
-        "INSERT OR IGNORE INTO vectors SELECT key, model, kind, "
+        "INSERT OR IGNORE INTO vectors (key, model, kind, view, prep, dim, vec, created) "
+        "SELECT key, model, kind, "
         "CASE kind WHEN 'text' THEN 'text' ELSE 'plain' END, prep, dim, vec, created "
         "FROM embeddings WHERE kind IN ('image', 'text')"
     )
