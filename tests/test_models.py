@@ -562,3 +562,54 @@ def test_registry_hf_rejects_non_dual_encoders_and_missing_folders(tmp_path: Pat
         load_encoder(f"hf:{get_model_path()}")
     with pytest.raises(ModelUnavailable, match="does not exist"):
         load_encoder(f"hf:{tmp_path / 'nothing-here'}")
+
+
+# -- integrity of the weights (issue 13 item 2) -----------------------------------------------
+def _flip_sign_bits(path: Path, fraction: float, seed: int = 0) -> None:
+    """Flip the sign bit of ``fraction`` of the float32 values after the safetensors
+    header, in place: the corruption of the issue's hostile review."""
+    raw = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")
+    n = (len(raw) - start) // 4
+    rng = np.random.default_rng(seed)
+    for i in rng.choice(n, size=max(1, int(n * fraction)), replace=False):
+        raw[start + 4 * int(i) + 3] ^= 0x80
+    path.write_bytes(bytes(raw))
+
+
+def test_packaged_heads_are_verified_and_flipped_bits_refused(tmp_path: Path) -> None:
+    import shutil
+
+    from medlens.models.lite import SUMS_FILE
+
+    for name in (DEFAULT_HEADS_PATH.name, SUMS_FILE):
+        shutil.copy(DEFAULT_HEADS_PATH.parent / name, tmp_path / name)
+    copy = tmp_path / DEFAULT_HEADS_PATH.name
+    assert LiteEncoder.load(copy).fingerprint == LiteEncoder.load().fingerprint
+    _flip_sign_bits(copy, 0.02)
+    with pytest.raises(ModelUnavailable, match="corrupt"):
+        LiteEncoder.load(copy)
+
+
+def test_written_heads_carry_their_checksum(tmp_path: Path) -> None:
+    enc = LiteEncoder.untrained(seed=3)
+    path = enc.save_heads(tmp_path / "heads.safetensors", {"note": "test"})
+    assert LiteEncoder.load(path).fingerprint == enc.fingerprint  # no SHA256SUMS needed
+    _flip_sign_bits(path, 0.001, seed=1)
+    with pytest.raises(ModelUnavailable, match="do not match the checksum"):
+        LiteEncoder.load(path)
+
+
+def test_heads_for_other_towers_are_refused(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = LiteEncoder.untrained(seed=4).save_heads(tmp_path / "h.safetensors", {})
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    arch = json.loads(meta["architecture"])
+    arch["backbone_fingerprint"] = "0" * 16  # trained on towers that are not installed
+    meta["architecture"] = json.dumps(arch)
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    with pytest.raises(ModelUnavailable, match="reinstall"):
+        LiteEncoder.load(path)

