@@ -471,3 +471,26 @@ def test_heads_only_training_fills_and_reuses_backbone_features(tmp_path: Path) 
     keys = [embeddings.record_key(m, r) for r in val]
     store = embeddings.open_store(cache)
     assert set(store.get_many(keys, embeddings.features_space(enc))) == set(keys)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_damaged_database_is_moved_aside_and_the_cache_heals(tmp_path: Path, damage: str) -> None:
+    db = tmp_path / embeddings.DB_NAME
+    sp = Space("fp", "image", "plain", "p")
+    store = Store(db)
+    store.put_many({f"k{i}": _vec(float(i), 64) for i in range(3000)}, sp)
+    store.close()
+    raw = db.read_bytes()
+    if damage == "truncate":
+        db.write_bytes(raw[: len(raw) // 2])
+    else:
+        db.write_bytes(raw[:100] + b"\x5a" * (len(raw) - 100))
+    for extra in ("-wal", "-shm"):
+        Path(str(db) + extra).unlink(missing_ok=True)
+    fresh = Store(db)
+    got = fresh.get_many([f"k{i}" for i in range(3000)], sp)  # never a traceback
+    assert all(np.array_equal(v, _vec(float(int(k[1:])), 64)) for k, v in got.items())
+    vec = embeddings.fill(["x"], ["x"], sp, lambda b: np.stack([_vec(7.0, 64)]), store=fresh)
+    assert np.array_equal(vec[0], _vec(7.0, 64)) and "x" in fresh.get_many(["x"], sp)
+    if len(got) < 3000:
+        assert fresh.quarantined and fresh.quarantined[0].exists()

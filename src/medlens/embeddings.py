@@ -188,6 +188,16 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self.rejected = 0  # rows that failed verification on read (and were recomputed)
+        self.quarantined: list[Path] = []  # damaged database files moved aside
+        self._setup_lock = threading.Lock()
+        try:
+            self._create()
+        except sqlite3.DatabaseError as exc:
+            if _locked(exc):
+                raise
+            self._quarantine(exc)
+
+    def _create(self) -> None:
         con = self._conn()
         con.execute("BEGIN IMMEDIATE")
         try:
@@ -198,8 +208,29 @@ class Store:
             _migrate_v2(con)
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            if con.in_transaction:
+                con.execute("ROLLBACK")
             raise
+
+    def _quarantine(self, exc: BaseException) -> None:
+        """A database SQLite cannot read (truncated, overwritten) is moved aside, not
+        deleted, and an empty one takes its place: the cache heals by recomputing."""
+        with self._setup_lock:
+            self.close()
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(self.path) + suffix)
+                if src.exists():
+                    os.replace(src, Path(str(target) + suffix))
+            self.quarantined.append(target)
+            log.warning(
+                "embedding cache %s is damaged (%s): moved to %s and started afresh",
+                self.path,
+                type(exc).__name__,
+                target.name,
+            )
+            self._create()
 
     def _conn(self) -> sqlite3.Connection:
         # A connection must not cross a fork: a child process opens its own.
@@ -217,6 +248,15 @@ class Store:
         """The cached vectors among ``keys`` whose checksum and values verify; misses,
         and rows that fail verification (counted in ``self.rejected``), are absent, so
         the caller recomputes and overwrites them."""
+        try:
+            return self._get_many(keys, space)
+        except sqlite3.DatabaseError as exc:
+            if _locked(exc):
+                raise
+            self._quarantine(exc)
+            return {}
+
+    def _get_many(self, keys: Iterable[str], space: Space) -> dict[str, np.ndarray]:
         keys = list(dict.fromkeys(keys))
         out: dict[str, np.ndarray] = {}
         con = self._conn()
@@ -277,6 +317,15 @@ class Store:
                 )
         if not rows:
             return 0
+        try:
+            return self._put_rows(rows, space, now)
+        except sqlite3.DatabaseError as exc:
+            if _locked(exc):
+                raise
+            self._quarantine(exc)
+            return self._put_rows(rows, space, now)
+
+    def _put_rows(self, rows: list[tuple], space: Space, now: float) -> int:
         con = self._conn()
         con.execute("BEGIN IMMEDIATE")
         try:
@@ -290,7 +339,8 @@ class Store:
             )
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            if con.in_transaction:
+                con.execute("ROLLBACK")
             raise
         return len(rows)
 
@@ -387,6 +437,11 @@ class Store:
         if con is not None:
             con.close()
             self._local.con = None
+
+
+def _locked(exc: BaseException) -> bool:
+    """SQLite's busy/locked errors: another process holds the file (not damage)."""
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def row_checksum(key: str, space: Space, dim: int, blob: bytes) -> str:
