@@ -139,3 +139,48 @@ def test_api_launcher_runs_the_cli() -> None:
     cmd = api_command("127.0.0.1", 8123, "lite")
     assert cmd[1:4] == ["-m", "medlens.cli", "serve"]
     assert cmd[cmd.index("--port") + 1] == "8123" and cmd[-2:] == ["--model", "lite"]
+
+
+def test_bad_environment_for_the_service_commands() -> None:
+    """serve, ui and demo read their ports from the environment: one line, exit 2."""
+    for command, var in (("serve", "MEDLENS_API_PORT"), ("ui", "MEDLENS_UI_PORT"),
+                         ("demo", "MEDLENS_API_PORT")):  # fmt: skip
+        res = runner.invoke(app, [command], env={var: "abc"})
+        assert res.exit_code == 2, res.output
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and var in lines[0] and "Traceback" not in res.output
+
+
+def test_port_in_use_is_one_line_and_exit_2() -> None:
+    """A real `medlens serve` / `medlens ui` on a port something listens on: no SIGABRT."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        for command in ("serve", "ui"):
+            res = subprocess.run(
+                [sys.executable, "-m", "medlens.cli", command, "--port", port],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert res.returncode == 2, (command, res.returncode, res.stderr)
+            lines = res.stderr.strip().splitlines()
+            assert len(lines) == 1 and "already in use" in lines[0], res.stderr
+            assert "terminate called" not in res.stderr
+
+
+def test_ui_refuses_a_non_loopback_address_without_a_proxy(monkeypatch) -> None:
+    from medlens.api.launch import free_port
+    from medlens.cli.service import _ui_process
+    from medlens.config import Settings
+
+    res = runner.invoke(app, ["ui", "--host", "0.0.0.0"], env={"COLUMNS": "300"})
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "MEDLENS_UI_BEHIND_PROXY" in lines[0], res.output
+    monkeypatch.setenv("MEDLENS_UI_BEHIND_PROXY", "1")  # the operator declares the proxy
+    port = free_port("0.0.0.0")
+    cmd, _ = _ui_process(None, "0.0.0.0", port, Settings())
+    assert cmd[cmd.index("--server.address") + 1] == "0.0.0.0"
+    assert cmd[cmd.index("--server.port") + 1] == str(port)

@@ -48,6 +48,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
     home = tmp_path_factory.mktemp("ui_home")
     api_port, ui_port = launch.free_port(), launch.free_port()
     env = {"MEDLENS_HOME": str(home), "MEDLENS_DATA": str(data_dir)}
+    env["MEDLENS_API_TIMEOUT_S"] = "600"  # a loaded machine must not turn into a 504
     api = launch.start(
         launch.api_command("127.0.0.1", api_port), env=env, log_file=home / "api.log"
     )
@@ -59,7 +60,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
             log_file=home / "ui.log",
         )
         launch.wait_http_ok(f"http://127.0.0.1:{api_port}/readyz", api, 300, "the API")
-        launch.wait_http_ok(f"http://127.0.0.1:{ui_port}/_stcore/health", ui, 120, "the UI")
+        launch.wait_http_ok(f"http://127.0.0.1:{ui_port}/_stcore/health", ui, 300, "the UI")
         yield {"ui": f"http://127.0.0.1:{ui_port}", "home": home}
     finally:
         launch.stop(ui, api)
@@ -104,3 +105,16 @@ def test_upload_analyze_screenshot(stack: dict, data_dir: Path) -> None:
 
     log = AuditLog(f"sqlite:///{stack['home'] / 'audit.db'}")
     assert log.count() == 1 and log.list(1)[0].input_format == "jpeg"
+
+
+def test_screenshot_is_not_a_tracked_file() -> None:
+    """`make test` must not rewrite docs/screenshots/ui.png: the screenshot is a build
+    artefact in a git-ignored folder (copy it into docs by hand when the UI changes)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    assert not SCREENSHOT.is_relative_to(root / "docs")
+    res = subprocess.run(
+        ["git", "check-ignore", "-q", str(SCREENSHOT)], cwd=root, capture_output=True
+    )
+    assert res.returncode == 0, f"{SCREENSHOT} is not git-ignored"

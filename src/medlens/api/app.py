@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -35,10 +36,12 @@ from medlens.api.pool import JobTimeout, Overloaded, WorkerPool
 from medlens.api.problems import Problem
 from medlens.audit import AuditLog
 from medlens.config import Settings, get_settings
-from medlens.errors import EmptyInput, MedLensError
+from medlens.errors import ConfigError, EmptyInput, MedLensError
 from medlens.knowledge import domains, load_domain, use_pack_dirs
 
 log = logging.getLogger("medlens.api")
+# The current request's id, for log lines written below the routes (timeouts).
+REQUEST_ID: ContextVar[str] = ContextVar("medlens_request_id", default="-")
 
 LOCAL_KEY_ID = "local"  # audit key id for unauthenticated loopback requests
 _NO_LIBRARY = "no case library built yet: build one (see docs/service.md) and restart the API"
@@ -153,18 +156,71 @@ def api_key_id(
     A presented key is always checked (a wrong key is a client bug worth surfacing);
     a missing key is accepted only when the server listens on loopback alone.
     """
-    svc = _service(request)
+    decided = getattr(request.state, "api_key_id", None)  # KeyGate ran before the body
+    if decided is not None:
+        return decided
     presented = bearer.credentials if bearer else header_key
+    key_id = check_key(_service(request), presented)
+    request.state.api_key_id = key_id
+    return key_id
+
+
+def check_key(svc: Service, presented: str | None) -> str:
+    """The caller's key id, or the Problem to answer (401/403; 503 if the key file is
+    unreadable: the server's fault, and its path is for the log, not the client)."""
     if presented is None and not svc.require_key:
         return LOCAL_KEY_ID
     try:
-        key_id = svc.keys.check(presented).id
+        return svc.keys.check(presented).id
     except KeyRejected as exc:
         title = "Unauthorized" if exc.status == 401 else "Forbidden"
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         raise Problem(exc.status, title, exc.detail, headers=headers) from None
-    request.state.api_key_id = key_id
-    return key_id
+    except ConfigError as exc:
+        log.error("API keys cannot be checked: %s", exc)
+        raise Problem(
+            503,
+            "Key store unavailable",
+            "the server cannot read its API key store; the operator has been told in the log",
+            headers={"Retry-After": "60"},
+        ) from None
+
+
+def _presented_key(scope: Scope) -> str | None:
+    """The key a request carries (Bearer first, then X-API-Key), read from raw headers."""
+    headers = dict(scope.get("headers") or [])
+    auth = headers.get(b"authorization", b"").decode("latin-1").strip()
+    scheme, _, credentials = auth.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    key = headers.get(b"x-api-key")
+    return key.decode("latin-1") if key else None
+
+
+class KeyGate:
+    """Check the API key from the headers before anything reads the body.
+
+    FastAPI parses a multipart form (spooling uploads to disk) before it runs the route's
+    dependencies, so a dependency alone would read a 60 MiB upload and only then answer
+    401. Only the liveness probes are open; the docs and the schema follow the key rule.
+    """
+
+    OPEN = frozenset({"/healthz", "/readyz"})
+
+    def __init__(self, app: ASGIApp, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
+            await self.app(scope, receive, send)
+            return
+        try:
+            key_id = check_key(self.service, _presented_key(scope))
+        except Problem as problem:
+            await problems.problem_response(problem, Request(scope))(scope, receive, send)
+            return
+        scope.setdefault("state", {})["api_key_id"] = key_id
+        await self.app(scope, receive, send)
 
 
 def require_multipart(request: Request) -> None:
@@ -231,6 +287,12 @@ async def _run(svc: Service, fn: Callable[..., Any], *args: Any) -> Any:
             headers={"Retry-After": str(exc.retry_after_s)},
         ) from None
     except JobTimeout as exc:
+        # Ids only: never the file name, symptoms or anything else the caller sent.
+        log.warning(
+            "job timed out after %s s (MEDLENS_API_TIMEOUT_S) rid=%s",
+            svc.settings.api_timeout_s,
+            REQUEST_ID.get(),
+        )
         raise Problem(504, "Timed out", f"{exc} (MEDLENS_API_TIMEOUT_S)") from None
 
 
@@ -239,10 +301,18 @@ def _symptoms(value: str | None) -> str | None:
     return value if value is not None and value.strip() else None
 
 
+def public_base_url(settings: Settings) -> str:
+    """Where clients reach the API: MEDLENS_PUBLIC_URL, else http://api_host:api_port."""
+    return settings.public_url or f"http://{settings.api_host}:{settings.api_port}"
+
+
 def _case_out(request: Request, case: Any) -> dict[str, Any]:
+    """A case as JSON; its link is built from the configured base URL, never from the
+    request's Host header (a forged Host would otherwise be echoed into the link)."""
     out = dict(case)
     out["id"] = str(out["id"])
-    out["thumbnail_url"] = str(request.url_for("case_thumbnail", case_id=out["id"]))
+    path = request.app.url_path_for("case_thumbnail", case_id=out["id"])
+    out["thumbnail_url"] = public_base_url(_service(request).settings) + str(path)
     return out
 
 
@@ -487,6 +557,7 @@ class RequestContext:
         rid = uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = rid
+        token = REQUEST_ID.set(rid)
         status, t0 = 0, time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
@@ -498,7 +569,19 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # An unhandled error would reach Starlette's outermost ServerErrorMiddleware,
+            # whose 500 bypasses this middleware: answer it here, with the request id.
+            log.exception("unexpected error on %s rid=%s", scope["path"], rid)
+            if status:
+                raise  # the response has started; nothing more can be sent
+            detail = "an unexpected error occurred; it has been logged with the request id"
+            resp = problems.problem_response(
+                Problem(500, "Internal error", detail), Request(scope, receive)
+            )
+            await resp(scope, receive, send_with_id)
         finally:
+            REQUEST_ID.reset(token)
             log.info(
                 "%s %s %d %.0f ms key=%s rid=%s",
                 scope["method"],
@@ -560,9 +643,14 @@ def create_app(
         description="Zero-shot differential, triage and clinical knowledge for medical images. "
         "**Research software for decision support only; not a diagnosis.**",
         lifespan=lifespan,
+        docs_url=None,  # served by medlens.api.docs, without a CDN
+        redoc_url=None,
     )
     app.state.service = svc
     problems.install(app)
+    from medlens.api import docs
+
+    docs.install(app)
     app.include_router(build_router(domains()))
     from medlens.api.report import build_report_router  # POST /v1/report
 
@@ -572,6 +660,7 @@ def create_app(
         svc.capabilities[capability] = True
 
     app.add_middleware(problems.UploadLimit, limit=s.api_max_upload_bytes)
+    app.add_middleware(KeyGate, service=svc)  # before anything reads the body
     app.add_middleware(RequestContext)  # outermost: every answer carries X-Request-ID
     if s.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

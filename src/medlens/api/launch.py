@@ -27,7 +27,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_is_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
+    """Whether a server could listen on ``host:port`` now (SO_REUSEADDR, as uvicorn and
+    Streamlit bind, so a port in TIME_WAIT counts as free)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -37,7 +41,7 @@ def port_is_free(host: str, port: int) -> bool:
 
 def api_command(host: str, port: int, model: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "medlens.cli", "serve", "--host", host, "--port", str(port)]
-    cmd += ["--log-level", "warning"]
+    cmd += ["--log-level", "info"]  # the demo's logs/api.log: start-up, one line per request
     return [*cmd, "--model", model] if model else cmd
 
 

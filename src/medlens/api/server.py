@@ -32,6 +32,38 @@ def needs_key(host: str, settings: Settings) -> bool:
     return True
 
 
+def check_port(host: str, port: int, setting: str) -> None:
+    """Refuse a port in use before starting anything: uvicorn would exit while the model
+    loads in another thread, and the interpreter would abort (SIGABRT) on the way out."""
+    from medlens.api.launch import port_is_free
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"port {port} is not a valid TCP port (1-65535; {setting} or --port)")
+    if not port_is_free(host, port):
+        raise ConfigError(
+            f"port {port} on {host} is already in use: stop what listens there or choose "
+            f"another with --port (or {setting})"
+        )
+
+
+def log_to_stderr(level: str) -> None:
+    """Also write MedLens's own log lines (one per request, model load, timeouts) to
+    stderr, where ``medlens demo`` collects them into logs/api.log."""
+    import logging
+    import sys
+
+    root = logging.getLogger("medlens")
+    if any(getattr(h, "medlens_stderr", False) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.medlens_stderr = True  # type: ignore[attr-defined]
+    handler.setLevel(getattr(logging, level.upper(), logging.INFO))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > handler.level:
+        root.setLevel(handler.level)
+
+
 def serve(
     host: str | None = None,
     port: int | None = None,
@@ -42,17 +74,21 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Blocking: serve until SIGINT/SIGTERM (uvicorn shuts down gracefully)."""
-    import uvicorn
-
-    from medlens.api.app import create_app
-    from medlens.pipeline import MedLens
-
     s = settings or get_settings()
     if workers is not None:
         s = replace(s, api_workers=workers)
     host = host or s.api_host
     port = port if port is not None else s.api_port
     require = needs_key(host, s)
+    check_port(host, port, "MEDLENS_API_PORT")
+    # Links in answers default to the address actually served (MEDLENS_PUBLIC_URL wins).
+    s = replace(s, api_host=host, api_port=port)
+    log_to_stderr(log_level)
+    import uvicorn
+
+    from medlens.api.app import create_app
+    from medlens.pipeline import MedLens
+
     app = create_app(s, lens=MedLens(model=model, settings=s), require_key=require)
     uvicorn.run(
         app,

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -21,11 +23,21 @@ from medlens.errors import MedLensError
 err = Console(stderr=True)
 
 
+def private_log(path: Path) -> Path:
+    """``path`` created (empty) with mode 0600 in a 0700 folder: logs name request ids,
+    key ids and timings, which are for the operator only."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    os.chmod(path, 0o600)
+    return path
+
+
 def setup_logging(settings: Settings) -> None:
     """Log to MEDLENS_HOME/logs/medlens.log. Only hashes and ids are ever logged."""
     try:
-        settings.logs_dir.mkdir(parents=True, exist_ok=True)
-        handler: logging.Handler = logging.FileHandler(settings.logs_dir / "medlens.log")
+        log_file = private_log(settings.logs_dir / "medlens.log")
+        handler: logging.Handler = logging.FileHandler(log_file)
     except OSError:
         handler = logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))

@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from medlens.cli.common import err, friendly
+from medlens.cli.common import err, friendly, private_log
 from medlens.config import Settings
 from medlens.errors import ConfigError
 
@@ -57,21 +57,59 @@ def ui(
     import subprocess
 
     cmd, env = _ui_process(api_url, host, port, settings)
-    proc = subprocess.Popen(cmd, env=env)
+    # Its own process group, stopped as a whole however this process is asked to stop
+    # (Ctrl-C, SIGTERM, SIGHUP): a Streamlit left running would keep the API key.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def _stop(_sig: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        raise typer.Exit(proc.wait())
+        code = proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(10)
+        code = 0
+    finally:
+        _stop_group(proc)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    raise typer.Exit(code)
+
+
+def _stop_group(proc: Any, timeout_s: float = 10.0) -> None:
+    """SIGTERM the child's process group, SIGKILL it if it has not exited in time."""
+    import subprocess
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _ui_process(
     api_url: str | None, host: str, port: int | None, settings: Settings
 ) -> tuple[list[str], dict[str, str]]:
-    """The Streamlit command line and environment of ``medlens ui``."""
+    """The Streamlit command line and environment of ``medlens ui``; refuses a non-loopback
+    address unless an authenticating reverse proxy is declared, and a port in use."""
     from medlens.api.launch import ui_command
+    from medlens.api.server import check_port, is_loopback
 
-    cmd = ui_command(host, port or settings.ui_port, settings.api_max_upload_bytes // 2**20)
+    if not is_loopback(host) and not settings.ui_behind_proxy:
+        raise ConfigError(
+            f"the UI has no login of its own and holds the API key, so it listens on "
+            f"loopback only; {host} would expose it. Put it behind an authenticating reverse "
+            "proxy on this machine (keep --host 127.0.0.1), or, if the proxy must reach it "
+            "over the network, set MEDLENS_UI_BEHIND_PROXY=1 (docs/service.md)"
+        )
+    port = port or settings.ui_port
+    check_port(host, port, "MEDLENS_UI_PORT")
+    cmd = ui_command(host, port, settings.api_max_upload_bytes // 2**20)
     return cmd, {**os.environ, "MEDLENS_API_URL": api_url or settings.api_url}
 
 
@@ -256,7 +294,8 @@ def run_demo(
         ports.append(port)
     api_url = f"http://{host}:{ports[0]}"
     logs = s.logs_dir
-    logs.mkdir(parents=True, exist_ok=True)
+    for name in ("api.log", "ui.log"):
+        private_log(logs / name)
 
     def _term(_sig: int, _frame: Any) -> None:
         raise KeyboardInterrupt
