@@ -89,7 +89,9 @@ class SampleCases:
 
 @pytest.fixture(scope="module")
 def api_settings(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Settings:
-    return Settings(home=tmp_path_factory.mktemp("api_home"), data=data_dir)
+    # A generous job timeout: on a loaded machine the first analyses can take far longer
+    # than the 60 s default (the timeout itself is tested with its own settings).
+    return Settings(home=tmp_path_factory.mktemp("api_home"), data=data_dir, api_timeout_s=600)
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +307,143 @@ def test_keys_cli_and_exposure_rule(api_settings: Settings, monkeypatch) -> None
     assert runner.invoke(app, ["keys", "revoke", "nope"]).exit_code == 2
 
 
+def test_401_before_the_body_is_read(api_settings: Settings, lens: MedLens) -> None:
+    """Without a key the answer is 401 before one byte of a 60 MiB upload is read (FastAPI
+    parses a form before the route's dependencies run, so the key is checked earlier)."""
+    plain, _ = KeyStore(api_settings.api_keys_file).create("body test")
+    app = create_app(api_settings, lens=lens, require_key=True)
+    boundary = "medlensboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"'
+        "\r\nContent-Type: image/png\r\n\r\n"
+    ).encode()
+    pulled = {"bytes": 0}
+
+    async def upload(mib: int):
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        for chunk in [head, *(b"\0" * 2**20 for _ in range(mib)), tail]:
+            pulled["bytes"] += len(chunk)
+            yield chunk
+
+    async def post(mib: int, headers: dict[str, str]) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)  # pulls the body only when the app reads
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as ac:
+            ctype = f"multipart/form-data; boundary={boundary}"
+            return await ac.post(
+                "/v1/analyze", content=upload(mib), headers={"content-type": ctype, **headers}
+            )
+
+    r = asyncio.run(post(60, {}))
+    _is_problem(r, 401)
+    assert r.headers["WWW-Authenticate"] == "Bearer" and r.headers["X-Request-ID"]
+    assert pulled["bytes"] == 0, f"{pulled['bytes']} bytes read before the 401"
+    pulled["bytes"] = 0
+    r = asyncio.run(post(60, {"Authorization": "Bearer mlk_x_y"}))
+    _is_problem(r, 401)
+    assert pulled["bytes"] == 0
+    # With a valid key the body is read as usual (the model is not loaded here: 503).
+    r = asyncio.run(post(1, {"Authorization": f"Bearer {plain}"}))
+    assert r.status_code != 401 and pulled["bytes"] > 2**20
+
+
+def test_docs_schema_and_info_follow_the_key_rule(api_settings: Settings, lens: MedLens) -> None:
+    plain, _ = KeyStore(api_settings.api_keys_file).create("docs test")
+    auth = {"Authorization": f"Bearer {plain}"}
+    with _client(api_settings, lens, require_key=True) as c:
+        for path in ("/healthz", "/readyz"):  # liveness and readiness stay open
+            assert c.get(path).status_code == 200
+        for path in ("/v1/info", "/docs", "/openapi.json"):
+            _is_problem(c.get(path), 401)
+            assert c.get(path, headers=auth).status_code == 200, path
+        assert c.get("/redoc", headers=auth).status_code == 404  # ReDoc needs a CDN
+
+
+def test_docs_load_nothing_from_other_hosts(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    urls = re.findall(r"""(?:src|href)\s*[=:]\s*["']([^"']+)["']""", page.text)
+    urls += re.findall(r"""url\s*:\s*["']([^"']+)["']""", page.text)
+    assert "/openapi.json" in urls, page.text
+    assert not re.search(r"(?:https?:)?//[a-z0-9.-]+", " ".join(urls)), urls
+    for url in urls:  # every asset the page names is served here
+        assert client.get(url).status_code == 200, url
+    _is_problem(client.get("/docs/assets/index.html"), 404)
+
+
+def test_docs_without_the_swagger_bundle_are_a_static_page(
+    api_settings: Settings, lens: MedLens, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medlens.api import docs
+
+    monkeypatch.setattr(docs, "swagger_ui_dir", lambda: None)
+    page = TestClient(create_app(api_settings, lens=lens)).get("/docs")
+    assert page.status_code == 200 and "<script" not in page.text
+    assert "/v1/analyze" in page.text and "href='/openapi.json'" in page.text
+
+
+def test_thumbnail_url_ignores_the_host_header(
+    api_settings: Settings, lens: MedLens, cases: SampleCases, data_dir: Path
+) -> None:
+    query = data_dir / ISIC
+    forged = {"Host": "evil.example", "X-Forwarded-Host": "evil.example"}
+    public = replace(api_settings, public_url="https://medlens.example.org/api")
+    for settings_, base in ((api_settings, "http://127.0.0.1:8000"), (public, public.public_url)):
+        with _client(settings_, lens, case_search=cases) as c:
+            r = c.post(
+                "/v1/search", files={"image": (query.name, query.read_bytes())}, headers=forged
+            )
+            assert r.status_code == 200, r.text
+            assert "evil.example" not in r.text
+            urls = [h["thumbnail_url"] for h in r.json()["results"]]
+            assert urls and all(u.startswith(f"{base}/v1/cases/") for u in urls), urls
+            r = c.get(f"/v1/cases/{cases.ids[0]}", headers=forged)
+            assert r.json()["thumbnail_url"].startswith(base + "/v1/cases/")
+
+
+def test_corrupt_key_file_is_503_without_paths(tmp_path: Path, lens: MedLens) -> None:
+    s = Settings(home=tmp_path / "home", api_timeout_s=600)
+    s.home.mkdir()
+    s.api_keys_file.write_text('{"keys": [{"id": "abc"')  # cut short
+    with _client(s, lens, require_key=True) as c:
+        _is_problem(c.get("/v1/findings"), 401)  # no key: nothing to look up
+        for headers in ({"Authorization": "Bearer mlk_abc_secret"}, {"X-API-Key": "mlk_a_b"}):
+            r = c.get("/v1/findings", headers=headers)
+            body = _is_problem(r, 503)
+            assert str(tmp_path) not in r.text and "api_keys" not in r.text, r.text
+            assert body["request_id"] == r.headers["X-Request-ID"]
+            assert int(r.headers["Retry-After"]) > 0
+
+
+def test_unhandled_error_is_500_problem_with_request_id(
+    api_settings: Settings, lens: MedLens, cases: SampleCases, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A corrupt case library (its vectors no longer match the encoder) fails for real."""
+    import copy
+
+    broken = copy.copy(cases)
+    broken.emb = np.zeros((3, 7), dtype=np.float32)
+    with _client(api_settings, lens, case_search=broken) as c, caplog.at_level("ERROR"):
+        r = c.post("/v1/search", files={"text": (None, "melanoma")})
+        body = _is_problem(r, 500, "internal-error")
+    rid = r.headers["X-Request-ID"]
+    assert rid and body["request_id"] == rid and "Traceback" not in r.text
+    assert any(rid in rec.getMessage() for rec in caplog.records if rec.levelname == "ERROR")
+
+
+def test_timed_out_job_is_logged_with_its_request_id(
+    api_settings: Settings, lens: MedLens, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    instant = replace(api_settings, api_timeout_s=0)
+    path = data_dir / ISIC
+    with _client(instant, lens) as c, caplog.at_level("WARNING", logger="medlens.api"):
+        r = _post_image(c, path, symptoms="bleeding mole")
+        _is_problem(r, 504, "timed-out")
+    rid = r.headers["X-Request-ID"]
+    lines = [rec.getMessage() for rec in caplog.records if "timed out" in rec.getMessage()]
+    assert len(lines) == 1 and rid in lines[0], lines
+    assert path.name not in lines[0] and "bleeding" not in lines[0]
+
+
 # -- 503: model unavailable, overload, no case library -----------------------------------
 def test_503_model_unavailable(api_settings: Settings, data_dir: Path, tmp_path: Path) -> None:
     broken = MedLens(model=f"lite:{tmp_path / 'missing_heads.safetensors'}", settings=api_settings)
@@ -388,6 +527,7 @@ def test_search_and_cases_with_a_library(
         assert r.status_code == 200 and len(r.json()["results"]) == 3
         case = c.get(f"/v1/cases/{hits[1]['id']}").json()
         assert case["label"] == cases.cases[hits[1]["id"]]["label"]
+        assert hits[1]["thumbnail_url"].startswith("http://127.0.0.1:8000/v1/cases/")
         thumb = c.get(hits[1]["thumbnail_url"])
         assert thumb.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(thumb.content)).size[0] <= 96
@@ -474,38 +614,106 @@ def test_schemathesis_no_server_errors(
 
 
 # -- medlens demo: starts both, prints URLs, stops cleanly on SIGTERM ------------------------
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from /proc)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            out += [kid, *_children(kid)]
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return "\nState:\tZ" in status  # a zombie has exited; only its parent's wait is left
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Stop a test's process and everything it started, whatever the test's outcome."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(15)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
 @pytest.mark.slow
 def test_demo_starts_and_stops_cleanly(tmp_path: Path) -> None:
-    code = "from medlens.cli.service import run_demo; run_demo(api_port=None, ui_port=None)"
-    from medlens.api.launch import free_port
+    """Readiness is polled over HTTP (not read from the demo's output) with generous
+    limits, and the demo's whole process group is stopped even when the test fails."""
+    from medlens.api import launch
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-    env["MEDLENS_API_PORT"], env["MEDLENS_UI_PORT"] = str(free_port()), str(free_port())
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    lines: list[str] = []
+    code = "from medlens.cli.service import run_demo; run_demo(api_port=None, ui_port=None)"
+    home = tmp_path / "home"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "MEDLENS_HOME": str(home)}
+    env.pop("MEDLENS_DATA")  # no demo case library to build: start-up and shutdown only
+    env["MEDLENS_API_PORT"] = str(launch.free_port())
+    env["MEDLENS_UI_PORT"] = str(launch.free_port())
+    api_url = f"http://127.0.0.1:{env['MEDLENS_API_PORT']}"
+    ui_url = f"http://127.0.0.1:{env['MEDLENS_UI_PORT']}"
+    out_file = tmp_path / "demo.out"
+    with open(out_file, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            line = proc.stdout.readline().decode()
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-            if "Press Ctrl-C" in line:
-                break
-        out = "".join(lines)
-        assert "MedLens is running" in out, out
-        ui_url = re.search(r"UI:\s+(http://\S+)", out).group(1)
-        api_url = f"http://127.0.0.1:{env['MEDLENS_API_PORT']}"
-        assert httpx.get(f"{api_url}/readyz", trust_env=False).status_code == 200
-        assert httpx.get(ui_url.rstrip("/") + "/_stcore/health", trust_env=False).status_code == 200
+        launch.wait_http_ok(f"{api_url}/readyz", proc, 900, "the demo's API")
+        launch.wait_http_ok(f"{ui_url}/_stcore/health", proc, 300, "the demo's UI")
+        deadline = time.monotonic() + 60  # the banner follows readiness at once
+        while "Press Ctrl-C" not in out_file.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        out = out_file.read_text()
+        assert "MedLens is running" in out and f"UI:       {ui_url}" in out, out
+        children = _children(proc.pid)
+        assert len(children) >= 2, children
+        assert httpx.get(f"{api_url}/v1/info", trust_env=False).status_code == 200
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert proc.wait(60) == 0
+        assert all(_gone(pid) for pid in children), children
         for url in (f"{api_url}/healthz", ui_url):
             with pytest.raises(httpx.TransportError):
                 httpx.get(url, trust_env=False, timeout=2)
+        # The API's own log lines (start-up and one per request) are in logs/api.log.
+        api_log = (home / "logs" / "api.log").read_text()
+        assert "GET /v1/info 200" in api_log and "rid=" in api_log, api_log[-2000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _kill_group(proc)
+
+
+@pytest.mark.slow
+def test_sigterm_to_ui_stops_streamlit(tmp_path: Path) -> None:
+    """`medlens ui` runs Streamlit as a child; SIGTERM to it must not orphan Streamlit."""
+    from medlens.api import launch
+
+    port = launch.free_port()
+    env = {**os.environ, "MEDLENS_API_URL": f"http://127.0.0.1:{launch.free_port()}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medlens.cli", "ui", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        launch.wait_http_ok(f"http://127.0.0.1:{port}/_stcore/health", proc, 300, "the UI")
+        children = _children(proc.pid)
+        assert children, "medlens ui started no child"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        deadline = time.monotonic() + 30
+        while not all(_gone(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(_gone(pid) for pid in children), children
+        assert launch.port_is_free("127.0.0.1", port)
+    finally:
+        _kill_group(proc)
