@@ -394,3 +394,116 @@ def test_key_file_that_is_cut_is_a_config_error(site: Path) -> None:
     os.chmod(site / "audit.key", 0o600)
     with pytest.raises(ConfigError, match="too short; restore it from backup"):
         AuditLog.from_settings()
+
+
+# -- issue 13: a private home, keyed pseudonyms, identifiers kept out -----------------------
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_home_is_0700_and_audit_files_0600(site: Path, analysis: dict) -> None:
+    from medlens.analysis.symptoms import text_hash
+
+    log = AuditLog.from_settings()
+    for i in range(2):
+        _append(log, analysis, f"p-{i}")
+    text_hash("makes the installation secret")
+    assert _mode(site) == 0o700
+    written = [p for p in site.iterdir() if p.is_file()]
+    assert {"audit.db", "audit.key", "secret.key", log.head_file.name} <= {p.name for p in written}
+    for p in written:  # the -wal/-shm files too: SQLite copies the database's mode
+        assert _mode(p) == 0o600, p.name
+    log.close()
+
+
+def test_an_existing_lax_home_and_database_are_tightened(site: Path, analysis: dict) -> None:
+    """An installation from before: MEDLENS_HOME 0755 and audit.db 0644 (as issue 13
+    found them) become 0700 / 0600 on the next open."""
+    log = AuditLog.from_settings()
+    _append(log, analysis, "old-0")
+    log.close()
+    os.chmod(site, 0o755)
+    os.chmod(site / "audit.db", 0o644)
+    reopened = AuditLog.from_settings()
+    assert reopened.verify().ok
+    assert _mode(site) == 0o700 and _mode(site / "audit.db") == 0o600
+    reopened.close()
+
+
+def test_symptom_hash_is_keyed_per_installation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same text hashes alike twice in one installation and differently in another;
+    never to its plain sha256 ("bleeding mole, HIV positive" was recovered by guessing)."""
+    import hashlib
+    import hmac
+
+    from medlens.analysis.symptoms import text_hash
+    from medlens.config import get_settings
+
+    text_ = "bleeding mole, HIV positive"
+    monkeypatch.delenv("MEDLENS_INSTALL_SECRET", raising=False)
+    got = []
+    for name in ("site_a", "site_b"):
+        monkeypatch.setenv("MEDLENS_HOME", str(tmp_path / name))
+        first = text_hash(text_)
+        assert text_hash(text_) == first == text_hash(text_, get_settings())
+        secret_file = tmp_path / name / "secret.key"
+        assert _mode(secret_file) == 0o600 and _mode(tmp_path / name) == 0o700
+        got.append(first)
+    assert got[0] != got[1]
+    assert hashlib.sha256(text_.encode()).hexdigest() not in got
+    # A secret from the environment (a vault) is used as given and never written.
+    monkeypatch.setenv("MEDLENS_HOME", str(tmp_path / "site_c"))
+    monkeypatch.setenv("MEDLENS_INSTALL_SECRET", "s" * 40)
+    want = hmac.new(b"s" * 40, text_.encode(), hashlib.sha256).hexdigest()
+    assert text_hash(text_) == want and not (tmp_path / "site_c" / "secret.key").exists()
+
+
+def test_analysis_symptom_hash_is_the_keyed_one(lens: MedLens, data_dir: Path) -> None:
+    import hashlib
+
+    from medlens.analysis.symptoms import text_hash
+
+    said = "itchy and growing"
+    got = lens.analyze(data_dir / ISIC, symptoms=said, domain="dermatology").to_dict()
+    assert got["symptoms"]["sha256"] == text_hash(said)
+    assert got["symptoms"]["sha256"] != hashlib.sha256(said.encode()).hexdigest()
+
+
+def test_dicom_uids_stay_out_of_results_and_the_trail(
+    log: AuditLog, lens: MedLens, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Study/Series/SOP Instance UIDs are identifiers: not in the analysis JSON, not in the
+    audit database unless the site stores identifiers (MEDLENS_AUDIT_STORE_IDENTIFIERS)."""
+    import pydicom
+
+    ds = pydicom.dcmread(data_dir / DICOM)
+    uids = [str(ds[k].value) for k in ("StudyInstanceUID", "SeriesInstanceUID") if k in ds]
+    assert uids  # the sample carries them
+    decoded = lens.decode(data_dir / DICOM)
+    assert decoded.identifiers.study_uid == str(ds.StudyInstanceUID)
+    result = lens.analyze(decoded).to_dict()
+    out = json.dumps(result)
+    assert not any(uid in out for uid in uids)
+    assert "study_uid" not in result["input"]["context"]
+    _append(log, result, "uid-0")
+    log.close()
+    blob = b"".join(p.read_bytes() for p in tmp_path.glob("audit.db*"))
+    assert not any(uid.encode() in blob for uid in uids)
+
+
+def test_a_damaged_or_weak_installation_secret_is_a_config_error(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medlens.analysis.symptoms import text_hash
+    from medlens.errors import ConfigError
+
+    monkeypatch.delenv("MEDLENS_INSTALL_SECRET", raising=False)
+    site.mkdir(parents=True)
+    (site / "secret.key").write_text("abc\n")
+    with pytest.raises(ConfigError, match="shorter than 32 bytes"):
+        text_hash("anything")
+    monkeypatch.setenv("MEDLENS_INSTALL_SECRET", "short")
+    with pytest.raises(ConfigError, match="shorter than 16 characters"):
+        text_hash("anything")

@@ -331,6 +331,26 @@ def test_detect_every_sample_folder(data_dir: Path, tmp_path: Path) -> None:
     assert load_path(data_dir / "dermamnist" / "dermamnist.npz").name == "dermamnist"
 
 
+def test_every_sample_folder_loads_by_its_folder_path(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13: ``medlens index ../shared/data/isic2018-task3-test`` failed with "no ...
+    GroundTruth.csv ... in <data root>": a folder named like the GT CSV's stem was taken
+    for the CSV's zip folder and its parent loaded instead."""
+    import os
+
+    monkeypatch.chdir(data_dir.parent)  # a relative path, as typed in the docs' example
+    for name in IN_SAMPLE:
+        folder = data_dir / SAMPLE[name]
+        for path in (folder, Path(os.path.relpath(folder))):
+            m = load_path(path)
+            assert m.name == name and Path(m.root).resolve() == folder.resolve(), path
+            assert len(m.records) == len(load_dataset(name).records)
+    isic = data_dir / SAMPLE["isic2018"]
+    for index_file in ("ISIC2018_Task3_Test_GroundTruth.csv", "labels.csv"):
+        assert Path(load_path(isic / index_file).root).resolve() == isic.resolve()
+
+
 def test_load_folder_class_and_flat(tmp_path: Path, data_dir: Path) -> None:
     src = load_dataset("dermnet", data_dir / SAMPLE["dermnet"])
     picked = {}

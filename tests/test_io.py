@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from medlens.io import badinputs as bad
 from medlens.io.dicom import (
     DIRECT_IDENTIFIERS,
     FREE_TEXT,
+    UIDS,
     deidentify,
     extract_identifiers,
     parse_age,
@@ -225,7 +227,13 @@ def test_dicom_chest_radiograph_context(samples: bad.SampleFiles) -> None:
     assert (ctx.modality, ctx.body_part, ctx.view) == ("CR", "CHEST", "PA")
     assert (ctx.width, ctx.height, ctx.frames, ctx.bits_stored) == (1024, 1024, 1, 8)
     assert (ctx.age_years, ctx.sex, ctx.photometric) == (62.0, "M", "MONOCHROME2")
-    assert ctx.study_uid == ds.StudyInstanceUID and ctx.series_uid == ds.SeriesInstanceUID
+    # UIDs link the image to the patient's record: identifiers, never the context.
+    ids = decoded.identifiers
+    assert ids.study_uid == ds.StudyInstanceUID and ids.series_uid == ds.SeriesInstanceUID
+    assert ctx.study_uid is None and ctx.series_uid is None
+    assert not {"study_uid", "series_uid"} & set(ctx.to_dict())
+    shown = repr(ctx) + json.dumps(ctx.to_dict()) + repr(decoded)
+    assert str(ds.StudyInstanceUID) not in shown and str(ds.SeriesInstanceUID) not in shown
 
 
 def test_monochrome1_is_inverted_so_bone_is_bright(samples: bad.SampleFiles) -> None:
@@ -396,7 +404,7 @@ def test_identifiers_are_kept_apart(
 
 
 def test_identifier_keywords_are_real_dicom_keywords() -> None:
-    for keyword in (*DIRECT_IDENTIFIERS, *FREE_TEXT):
+    for keyword in (*DIRECT_IDENTIFIERS, *FREE_TEXT, *UIDS):
         assert pydicom.datadict.tag_for_keyword(keyword) is not None, keyword
 
 
@@ -412,7 +420,8 @@ def test_deidentify_removes_identifiers_and_keeps_pixels(tmp_path: Path) -> None
 
     clean = deidentify(original)
     assert str(original.PatientName) == before["PatientName"]  # input untouched
-    assert extract_identifiers(clean).values == {}
+    # Only the instance UIDs are left: deidentify keeps them (files need them to group).
+    assert set(extract_identifiers(clean).values) <= set(UIDS)
     assert str(clean.PatientName) == "" and "PatientName" in clean  # Type 2: kept, empty
     assert "InstitutionName" not in clean and "StudyDescription" not in clean
     nested = clean.RequestAttributesSequence[0]
@@ -425,10 +434,10 @@ def test_deidentify_removes_identifiers_and_keeps_pixels(tmp_path: Path) -> None
     out = tmp_path / "clean.dcm"
     clean.save_as(out)
     written = out.read_bytes()
-    for value in before.values():
-        assert value.encode() not in written
+    for keyword, value in before.items():
+        assert keyword in UIDS or value.encode() not in written
     reloaded = load_image(out)
-    assert not reloaded.identifiers
+    assert set(reloaded.identifiers.values) <= set(UIDS)
     assert np.array_equal(reloaded.pixels, load_image(dicom_file("CT_small.dcm")).pixels)
 
 
@@ -443,6 +452,50 @@ def test_truncated_jpeg_is_corrupt(built: Path, monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(CorruptImage):
         load_image(built / "truncated.jpg")
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # and the global is restored
+
+
+def test_12_bit_jpeg_extended_decodes() -> None:
+    """pydicom's 12-bit JPEG Extended (Process 2 and 4) file: pylibjpeg-libjpeg decodes
+    it; the 12 stored bits are windowed like any other greyscale image."""
+    path = dicom_file("JPGExtended.dcm")
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGExtended12Bit
+    decoded = load_image(path)
+    px = grey(check_rgb(decoded))
+    assert decoded.context.bits_stored == 12 and px.shape == (ds.Rows, ds.Columns)
+    assert_order_preserving(px, ds.pixel_array)
+    assert px.max() > 200 and px.min() < 50  # a real image, not a flat frame
+
+
+def test_jpeg_extended_no_codec_accepts_is_unsupported_not_damaged() -> None:
+    """Issue 13: pydicom's JPEG-lossy.dcm (12-bit JPEG Extended whose scan header
+    pylibjpeg-libjpeg rejects, and which Pillow and GDCM do not decode at 12 bits) was
+    called "damaged or truncated". It is an encoding no installed codec reads: the error
+    says so and names the codecs."""
+    path = dicom_file("JPEG-lossy.dcm")
+    try:
+        decoded = load_image(path)  # a site with a codec that accepts it: must decode
+    except UnsupportedImage as exc:
+        message = str(exc)
+        assert "JPEG Extended" in message and "12-bit" in message
+        assert "pylibjpeg-libjpeg" in message and "Pillow" in message
+        assert "damaged or truncated" not in message and "not necessarily damaged" in message
+        assert not isinstance(exc, CorruptImage)
+    else:
+        assert check_rgb(decoded).shape[:2] == (decoded.context.height, decoded.context.width)
+
+
+def test_damaged_jpeg_extended_stream_is_still_corrupt(tmp_path: Path) -> None:
+    """The codec message above is for encodings; a stream garbled in transit (here: entropy-
+    coded data overwritten) is still CorruptImage."""
+    from pydicom.encaps import encapsulate, generate_fragments
+
+    ds = pydicom.dcmread(dicom_file("JPGExtended.dcm"))
+    stream = b"".join(generate_fragments(ds.PixelData))
+    ds.PixelData = encapsulate([stream[:600] + bytes(range(256)) * 4 + stream[1624:]])
+    ds.save_as(tmp_path / "garbled.dcm")
+    with pytest.raises(CorruptImage, match="damaged"):
+        load_image(tmp_path / "garbled.dcm")
 
 
 def test_truncated_dicom_is_corrupt(built: Path) -> None:

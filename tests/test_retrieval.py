@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,7 +32,15 @@ from medlens.retrieval import (
     knowledge_passages,
     similar_cases,
 )
-from medlens.retrieval.library import ingest, read_library, search, subset
+from medlens.retrieval.library import (
+    case_id,
+    ingest,
+    read_library,
+    record_hash,
+    resolve_thumbnail,
+    search,
+    subset,
+)
 from medlens.retrieval.store import (
     Condition,
     EdgeStore,
@@ -65,6 +74,15 @@ def mixed(data_dir: Path) -> list[Any]:
     covid = load_dataset("covid_chestxray")
     covid = subset(replace(covid, records=[r for r in covid.records if r.text]), 10)
     return [isic, covid, load_dataset("cxr_samples")]
+
+
+def opaque_id(manifest: Any, record: Any) -> str:
+    """The opaque case id a record gets in this installation (the default)."""
+    return case_id(record_hash(manifest, record), manifest.name, str(record.id))
+
+
+def record_of(manifest: Any, file_name: str) -> Any:
+    return next(r for r in manifest.records if r.path is not None and r.path.name == file_name)
 
 
 # ----------------------------------------------------------------------------- filters
@@ -172,7 +190,9 @@ def test_payload_has_labels_text_thumbnail_and_no_identifiers(encoder, mixed) ->
     payloads = [p.payload for c in read_library("t_idem")["collections"] for p in store.scroll(c)]
     covid = [p for p in payloads if p["dataset"] == "covid_chestxray"]
     assert covid and all(p["text"] for p in covid) and any(p["labels"] for p in covid)
-    assert all(Path(p["thumbnail"]).is_file() for p in payloads if p.get("thumbnail"))
+    thumbs = [p["thumbnail"] for p in payloads if p.get("thumbnail")]
+    assert thumbs and not any(Path(t).is_absolute() for t in thumbs)
+    assert all(resolve_thumbnail(t).is_file() for t in thumbs)  # resolved server-side
     isic = [p for p in payloads if p["dataset"] == "isic2018"]
     assert all(p["findings"] for p in isic)
     dumped = json.dumps(payloads)
@@ -198,7 +218,7 @@ def test_search_modes_and_filters(encoder, mixed) -> None:
     rec = isic.records[0]
     img = encoder.embed_images([load_image(rec.path).pixels])[0]
     top = search(img, fp, library="t_idem", domain="dermatology", k=5)
-    assert top[0]["case_id"] == rec.id and top[0]["similarity"] > 0.999
+    assert top[0]["case_id"] == opaque_id(isic, rec) and top[0]["similarity"] > 0.999
     assert {"case_id", "labels", "similarity", "text", "thumbnail"} <= set(top[0])
     lab = rec.labels[0]
     only = search(img, fp, library="t_idem", k=5, filters=[parse_filter(f"label={lab}")])
@@ -278,7 +298,8 @@ def test_sigkill_mid_ingest_then_resume_matches_clean_ingest(encoder, heads_file
         assert np.allclose(p.vectors["image"], b[pid].vectors["image"], atol=1e-6)
     assert check_libraries(["t_killed"])[0]["stale"] is False
     for r in m.records[::10]:
-        q = b[next(i for i, p in b.items() if p.payload["case_id"] == r.id)].vectors["image"]
+        cid = opaque_id(m, r)
+        q = b[next(i for i, p in b.items() if p.payload["case_id"] == cid)].vectors["image"]
         ra = search(q, encoder.fingerprint, library="t_killed", k=10)
         rb = search(q, encoder.fingerprint, library="t_clean", k=10)
         assert [(x["case_id"], x["similarity"]) for x in ra] == [
@@ -353,7 +374,9 @@ def test_similar_cases_and_demo_library(encoder, data_dir) -> None:
         "cxr_samples",
     }
     got = similar_cases(emb, "chest_xray", encoder.fingerprint, k=3, library="t_demo")
-    assert got[0]["case_id"] == "00000001_000.png" and len(got) == 3
+    cxr_samples = load_dataset("cxr_samples")
+    want = opaque_id(cxr_samples, record_of(cxr_samples, "00000001_000.png"))
+    assert got[0]["case_id"] == want and len(got) == 3
     derm = similar_cases(
         emb, "dermatology", encoder.fingerprint, k=3, library="t_demo", filters=["age>=30"]
     )
@@ -371,7 +394,11 @@ def test_cli_index_search_cache(encoder, heads_file, data_dir) -> None:
     cache.register(app)
     run = CliRunner().invoke
     model = f"lite:{heads_file}"
-    r = run(app, ["index", "cxr_samples", "--model", model, "--name", "t_cli", "--json"])
+    # The library owner opts in to named ids: cases are shown by their file names.
+    r = run(
+        app,
+        ["index", "cxr_samples", "--model", model, "--name", "t_cli", "--named-ids", "--json"],
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout.strip().splitlines()[-1])
     assert rep["indexed"] + rep["already_indexed"] == len(load_dataset("cxr_samples").records)
@@ -382,6 +409,8 @@ def test_cli_index_search_cache(encoder, heads_file, data_dir) -> None:
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)["results"]
     assert res[0]["case_id"] == "tb0005.png" and len(res) == 2
+    assert res[0]["image_path"] and not Path(res[0]["image_path"]).is_absolute()
+    assert (data_dir / "cxr-samples" / res[0]["image_path"]).samefile(img)
     r = run(
         app,
         [
@@ -410,3 +439,130 @@ def test_cli_index_search_cache(encoder, heads_file, data_dir) -> None:
     r = run(app, ["index", "--check", "--name", "t_cli", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["libraries"][0]["stale"] is False
+
+
+# ----------------------------------------------------------------------------- identifiers
+
+
+def _absolute_paths(obj: Any, roots: list[str]) -> list[str]:
+    """Every string in a response that is (or contains) an absolute filesystem path."""
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _absolute_paths(v, roots)]
+    if isinstance(obj, list | tuple):
+        return [x for v in obj for x in _absolute_paths(v, roots)]
+    if isinstance(obj, str) and (obj.startswith(("/", "~")) or any(r in obj for r in roots)):
+        return [obj]
+    return []
+
+
+def test_case_ids_are_opaque_and_no_response_holds_a_path(encoder, mixed, data_dir) -> None:
+    """Issue 13: case ids were file names and came with absolute thumbnail paths. By
+    default the index holds neither record ids nor file names nor any path, and no
+    response (search, similar cases, /v1/cases' service) shows a path."""
+    from medlens.config import get_settings
+    from medlens.io import load_image
+    from medlens.retrieval.service import LibraryCaseSearch
+
+    for m in mixed:
+        ingest(m, encoder, "t_idem", workers=1)
+    store = open_store()
+    payloads = [p.payload for c in read_library("t_idem")["collections"] for p in store.scroll(c)]
+    roots = [str(data_dir.resolve()), str(data_dir), str(get_settings().home)]
+    assert not _absolute_paths(payloads, roots)
+    names = set()
+    for m in mixed:
+        for r in m.records:
+            names.add(str(r.id))
+            if r.path is not None:
+                names |= {r.path.name, r.path.stem}
+    dumped = json.dumps(payloads)
+    leaked = sorted(n for n in names if len(n) >= 6 and n in dumped)
+    assert not leaked, leaked[:5]
+    assert all(re.fullmatch(r"[0-9a-f]{16}", p["case_id"]) for p in payloads)
+    assert len({p["case_id"] for p in payloads}) == len(payloads)
+    assert all(p.get("image_path") is None for p in payloads)
+
+    isic = mixed[0]
+    emb = encoder.embed_images([load_image(isic.records[0].path).pixels])[0]
+    fp = encoder.fingerprint
+    rows = similar_cases(emb, "dermatology", fp, k=5, library="t_idem")
+    rows += search(emb, fp, library="t_idem", k=20)
+    svc = LibraryCaseSearch(fp, "t_idem")
+    hits = list(svc.search(emb, k=5, domain="dermatology"))
+    cases = [svc.get_case(h["id"]) for h in hits]
+    assert rows and hits and all(cases)
+    assert not _absolute_paths([rows, hits, cases], roots)
+    assert rows[0]["case_id"] == opaque_id(isic, isic.records[0])
+    data, media = svc.thumbnail(hits[0]["id"])  # the file is found server-side
+    assert media == "image/jpeg" and data[:2] == b"\xff\xd8"
+
+
+def test_named_ids_are_an_opt_in_and_switching_rewrites(encoder, data_dir, monkeypatch) -> None:
+    isic = subset(load_dataset("isic2018"), 4)
+    monkeypatch.setenv("MEDLENS_LIBRARY_NAMED_IDS", "1")
+    assert ingest(isic, encoder, "t_named", workers=0).indexed == 4
+    store = open_store()
+    (coll,) = read_library("t_named")["collections"]
+    got = {p.payload["case_id"]: p.payload for p in store.scroll(coll)}
+    assert set(got) == {str(r.id) for r in isic.records}
+    for r in isic.records:
+        rel = got[str(r.id)]["image_path"]
+        assert not Path(rel).is_absolute() and (isic.root / rel).samefile(r.path)
+    # The owner opts out again: the points are rewritten with opaque ids, no names left.
+    monkeypatch.delenv("MEDLENS_LIBRARY_NAMED_IDS")
+    again = ingest(isic, encoder, "t_named", workers=0)
+    assert again.indexed == 4 and again.image_forward == 0  # payloads only, cache warm
+    after = [p.payload for p in store.scroll(coll)]
+    assert {p["case_id"] for p in after} == {opaque_id(isic, r) for r in isic.records}
+    assert all(p.get("image_path") is None for p in after)
+
+
+def test_libraries_from_before_show_no_absolute_paths(encoder, data_dir) -> None:
+    """A point written before this change (absolute thumbnail and image paths) is shown
+    with the thumbnail's relative name and no image path."""
+    from medlens.retrieval.library import build_payload, collection_name, thumbnail_path
+
+    isic = subset(load_dataset("isic2018"), 1)
+    (rec,) = isic.records
+    ingest(isic, encoder, "t_legacy", workers=0)
+    store = open_store()
+    coll = collection_name("t_legacy", "dermatology", encoder.fingerprint)
+    (point,) = list(store.scroll(coll, with_vectors=True))
+    h = record_hash(isic, rec)
+    legacy = build_payload(isic, rec, h, True, named_ids=True)
+    legacy.update(thumbnail=str(thumbnail_path(h)), image_path=str(rec.path.resolve()))
+    store.upsert(coll, [PointData(point.id, point.vectors, legacy)])
+    (row,) = search(point.vectors["image"], encoder.fingerprint, library="t_legacy", k=1)
+    assert row["thumbnail"] == f"{h[:2]}/{h}.jpg" and row["image_path"] is None
+    assert resolve_thumbnail(row["thumbnail"]) == thumbnail_path(h)
+
+
+def test_cli_indexes_a_dataset_folder_path(
+    encoder, heads_file, data_dir, monkeypatch, tmp_path
+) -> None:
+    """Issue 13: ``medlens index ../shared/data/isic2018-task3-test`` (a folder path, as
+    the docs promise) failed with "no ... GroundTruth.csv ... in <data root>". A folder
+    path works, relative or absolute, and so does a folder name under MEDLENS_DATA."""
+    import typer
+    from typer.testing import CliRunner
+
+    from medlens.cli import retrieval as cli
+
+    app = typer.Typer()
+    cli.register(app)
+    model = f"lite:{heads_file}"
+    folder = data_dir / "isic2018-task3-test"
+    monkeypatch.chdir(tmp_path)  # elsewhere: a path like ../shared/data/...
+    forms = [os.path.relpath(folder), str(folder.resolve()), "isic2018-task3-test"]
+    assert forms[0].startswith("..") and not (tmp_path / forms[2]).exists()
+    seen = []
+    for form in forms:
+        args = ["index", form, "--model", model, "--name", "t_folder", "--limit", "3"]
+        r = CliRunner().invoke(app, [*args, "--json"])
+        assert r.exit_code == 0, (form, r.output)
+        rep = json.loads(r.stdout.strip().splitlines()[-1])
+        assert rep["dataset"] == "isic2018" and rep["domain"] == "dermatology"
+        seen.append(rep["indexed"] + rep["already_indexed"])
+    assert seen == [3, 3, 3]
+    (row,) = check_libraries(["t_folder"])
+    assert row["stale"] is False, row["reasons"]

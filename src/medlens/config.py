@@ -6,6 +6,7 @@ All state MedLens writes (model cache, libraries, logs, audit DB) lives under
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,16 @@ class Settings:
     audit_store_identifiers: bool = field(
         default_factory=lambda: _env_bool("MEDLENS_AUDIT_STORE_IDENTIFIERS", False)
     )
+    # Case library ids: opaque (content-hash based) unless the library owner opts in to
+    # the datasets' own record ids / file names, which can name a patient.
+    library_named_ids: bool = field(
+        default_factory=lambda: _env_bool("MEDLENS_LIBRARY_NAMED_IDS", False)
+    )
+    # Per-installation secret keying pseudonyms (symptom hashes, patient-group hashes);
+    # unset: a 0600 file under home, made on first use (``install_secret``).
+    install_secret_env: str | None = field(
+        default_factory=lambda: os.environ.get("MEDLENS_INSTALL_SECRET") or None, repr=False
+    )
 
     @property
     def cache_dir(self) -> Path:
@@ -155,6 +166,42 @@ class Settings:
     def audit_db_url(self) -> str:
         return self.db_url or f"sqlite:///{self.home / 'audit.db'}"
 
+    @property
+    def install_secret_file(self) -> Path:
+        """Where ``install_secret`` keeps the key when MEDLENS_INSTALL_SECRET is unset."""
+        return self.home / "secret.key"
+
+    def install_secret(self) -> bytes:
+        """The per-installation secret that keys pseudonyms (HMAC): without it a hash of a
+        short text or a patient id is reversed by guessing. MEDLENS_INSTALL_SECRET wins;
+        else a random 32-byte key in a 0600 file under home, created on first use (two
+        racing first uses agree: the loser reads the winner's file)."""
+        if self.install_secret_env:
+            if len(self.install_secret_env) < 16:
+                from medlens.errors import ConfigError
+
+                raise ConfigError(
+                    "MEDLENS_INSTALL_SECRET is shorter than 16 characters: use a long random "
+                    "value (e.g. python -c 'import secrets; print(secrets.token_hex(32))')"
+                )
+            return self.install_secret_env.encode()
+        path = self.install_secret_file
+        if not path.is_file():
+            import secrets
+
+            ensure_home(self)
+            write_private(path, secrets.token_hex(32).encode(), exclusive=True)
+        key = path.read_bytes().strip()
+        if len(key) < 32:
+            from medlens.errors import ConfigError
+
+            raise ConfigError(
+                f"the installation secret {path.name} under MEDLENS_HOME is shorter than "
+                "32 bytes (damaged?): restore it from backup, or delete it to make a new one "
+                "(symptom hashes and pseudonyms made with the old one will no longer match)"
+            )
+        return key
+
     def require_data(self) -> Path:
         from medlens.errors import ConfigError
 
@@ -164,6 +211,62 @@ class Settings:
                 "(e.g. export MEDLENS_DATA=../shared/data)"
             )
         return self.data
+
+
+def ensure_home(settings: Settings | None = None) -> Path:
+    """Create MEDLENS_HOME owner-only (0700): it holds the audit trail, key hashes,
+    secrets and cached embeddings. An existing home is tightened to 0700 when MedLens
+    owns it (a shared folder someone pointed it at is left as it is)."""
+    home = (settings or get_settings()).home
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        if home.stat().st_uid == os.getuid() and home.stat().st_mode & 0o077:
+            home.chmod(0o700)
+    except OSError:  # not ours to change: mode stays, files inside are still 0600
+        pass
+    return home
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` (and missing parents) created 0700; returns it."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """Make an existing file owner-read/write only (0600); a missing one is created empty
+    with that mode, so nothing is ever readable by others in between."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        from medlens.errors import ConfigError
+
+        raise ConfigError(f"cannot make {path.name} private (0600): {exc.strerror}") from exc
+    return path
+
+
+def write_private(path: Path, data: bytes, *, exclusive: bool = False) -> Path:
+    """Write ``data`` to ``path`` created 0600 from the start (never world-readable, even
+    for an instant). ``exclusive``: leave an existing file alone (first writer wins)."""
+    import tempfile
+
+    private_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        if exclusive:
+            # Atomic, complete or absent (a reader never sees half); the first writer wins.
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def get_settings() -> Settings:

@@ -1,15 +1,21 @@
 """Symptom text: validation and zero-shot evidence against the findings' prompts.
 
 Symptom text may contain identifying details, so it is never echoed into results,
-logs or caches; results carry only its sha256.
+logs or caches; results carry only a keyed hash of it (HMAC-SHA256 with the
+installation's secret): a plain sha256 of a short text is reversed by guessing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import unicodedata
+from typing import TYPE_CHECKING
 
 from medlens.errors import EmptyInput, InvalidText
+
+if TYPE_CHECKING:
+    from medlens.config import Settings
 
 
 def normalised_text(
@@ -53,5 +59,12 @@ def clean_symptoms(text: str | None, max_chars: int) -> str | None:
     return text
 
 
-def text_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+def text_hash(text: str, settings: Settings | None = None) -> str:
+    """HMAC-SHA256 of ``text`` keyed with the installation secret of ``settings`` (the
+    environment's when None): stable within one installation (the audit trail can match
+    repeats), useless for guessing the text anywhere else."""
+    if settings is None:
+        from medlens.config import get_settings
+
+        settings = get_settings()
+    return hmac.new(settings.install_secret(), text.encode(), hashlib.sha256).hexdigest()

@@ -191,6 +191,10 @@ def audit_key(settings: Settings) -> bytes:
     try:
         raw = path.read_text().strip()
     except FileNotFoundError:
+        from medlens.config import ensure_home
+
+        if path.parent == settings.home:
+            ensure_home(settings)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         new = secrets.token_hex(32)
         try:
@@ -234,6 +238,7 @@ class AuditLog:
         self.key_id = _key_id(self._key)
         self.engine = self._make_engine(url)
         self.missing_at_open = self._sqlite_missing(url)
+        self._make_private(url, settings)
         tag = hashlib.sha256(self.safe_url.encode()).hexdigest()[:16]
         self.head_file = settings.home / f"audit-head-{tag}.json"
         try:
@@ -246,6 +251,25 @@ class AuditLog:
     def from_settings(cls, settings: Settings | None = None) -> AuditLog:
         settings = settings or get_settings()
         return cls(settings.audit_db_url, settings=settings)
+
+    @staticmethod
+    def _make_private(url: str, settings: Settings) -> None:
+        """A SQLite trail is owner-only: MEDLENS_HOME 0700 and the file 0600 before SQLite
+        first opens it (its -wal and -shm files copy the database file's mode)."""
+        from medlens.config import ensure_home, private_file
+
+        if not url.startswith("sqlite"):
+            return
+        raw = url.split(":///", 1)[-1]
+        if not raw or raw == ":memory:":
+            return
+        path = Path(raw).expanduser()
+        if path.parent == settings.home:
+            ensure_home(settings)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if f == path or f.exists():
+                private_file(f)
 
     @staticmethod
     def _sqlite_missing(url: str) -> bool:

@@ -36,6 +36,12 @@ def index(
     batch_size: int = typer.Option(32, min=1, help="Images per forward batch."),
     workers: int = typer.Option(2, min=0, help="DataLoader decoding workers."),
     refresh: bool = typer.Option(False, help="Rewrite points already indexed."),
+    named_ids: bool | None = typer.Option(
+        None,
+        "--named-ids/--opaque-ids",
+        help="Show cases by their dataset record ids / file names (which can name a "
+        "patient) instead of opaque ids (default: MEDLENS_LIBRARY_NAMED_IDS, else opaque).",
+    ),
     check: bool = typer.Option(
         False, "--check", help="Report libraries that are stale against their data or model."
     ),
@@ -82,6 +88,7 @@ def index(
             workers=workers,
             refresh=refresh,
             advance=lambda n: progress.advance(task, n),
+            named_ids=named_ids,
         )
     if as_json:
         sys.stdout.write(json.dumps(rep.to_dict()) + "\n")

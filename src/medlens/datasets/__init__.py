@@ -129,7 +129,9 @@ def load_path(path: Path | str, domain: str | None = None, **options: Any) -> Ma
     name = detect_dataset(path)
     if name is not None:
         root = path if path.is_dir() or path.suffix == ".npz" else path.parent
-        if root.name == path.stem and name == "isic2018":  # GT CSV inside its zip folder
+        # The GT CSV inside its zip folder (a *file* path): the dataset root is one up.
+        # A dataset folder is its own root even when its name is the CSV's stem.
+        if path.is_file() and root.name == path.stem and name == "isic2018":
             root = root.parent
         return load_dataset(name, root, **options)
     if domain is None:

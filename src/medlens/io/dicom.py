@@ -43,6 +43,7 @@ from medlens.io.types import Identifiers, StudyContext
 __all__ = [
     "DIRECT_IDENTIFIERS",
     "FREE_TEXT",
+    "UIDS",
     "DicomResult",
     "decode_dicom",
     "deidentify",
@@ -92,6 +93,10 @@ FREE_TEXT: tuple[str, ...] = (
     "RequestedProcedureDescription",
     "PerformedProcedureStepDescription",
 )
+# Instance UIDs: not names, but each one links the image to one patient's record at the
+# site (and to every other copy of the study), so they are kept with the identifiers and
+# never in the context, results or logs. deidentify() keeps them (files need them).
+UIDS: tuple[str, ...] = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 # Sequences that only carry identifiers; removed whole by deidentify().
 _IDENTIFYING_SEQUENCES: tuple[str, ...] = (
     "OtherPatientIDsSequence",
@@ -230,7 +235,8 @@ def decode_dicom(
 
 
 def study_context(ds: Dataset, *, width: int, height: int, frames: int) -> StudyContext:
-    """The loggable facts about a DICOM image; never reads an identifying element."""
+    """The loggable facts about a DICOM image; never reads an identifying element, a UID
+    or free text (those go to ``extract_identifiers``)."""
     sex = _text(ds, "PatientSex")
     bits = ds.get("BitsStored")
     try:
@@ -244,8 +250,6 @@ def study_context(ds: Dataset, *, width: int, height: int, frames: int) -> Study
         modality=_text(ds, "Modality"),
         body_part=_text(ds, "BodyPartExamined"),
         view=_text(ds, "ViewPosition"),
-        study_uid=_text(ds, "StudyInstanceUID"),
-        series_uid=_text(ds, "SeriesInstanceUID"),
         age_years=parse_age(_text(ds, "PatientAge")),
         sex=sex.upper() if sex and sex.upper() in {"M", "F", "O"} else None,
         photometric=_text(ds, "PhotometricInterpretation"),
@@ -269,9 +273,10 @@ def parse_age(value: str | None) -> float | None:
 
 
 def extract_identifiers(ds: Dataset) -> Identifiers:
-    """Non-empty identifying and free-text elements, as strings, kept out of the context."""
+    """Non-empty identifying, free-text and instance-UID elements, as strings, kept out
+    of the context."""
     values: dict[str, str] = {}
-    for keyword in (*DIRECT_IDENTIFIERS, *FREE_TEXT):
+    for keyword in (*DIRECT_IDENTIFIERS, *FREE_TEXT, *UIDS):
         elem = ds.get(keyword)
         if elem is None:
             continue
@@ -326,11 +331,54 @@ def _decode_frame(ds: Dataset, index: int | None) -> np.ndarray:
             "ask the sender for an uncompressed or JPEG/JPEG 2000/RLE-compressed export"
         ) from exc
     except Exception as exc:  # decoders raise ValueError, RuntimeError, OSError, ...
+        codec_error = _codec_error(ds, tsyntax, exc)
+        if codec_error is not None:
+            raise codec_error from exc
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise CorruptImage(
             f"DICOM pixel data cannot be decoded ({reason}); "
             "the file is damaged or truncated: re-export it from the PACS or modality"
         ) from exc
+
+
+# What pydicom's plugins say when they cannot handle an encoding at all, and what a decoder
+# says when a stream breaks a rule it enforces but other decoders tolerate (pylibjpeg-libjpeg
+# on the non-zero scan start of some 12-bit JPEG Extended encoders, e.g. pydicom's
+# JPEG-lossy.dcm). Neither means the file is damaged; each names the codec.
+_UNSUPPORTED = re.compile(r"does not support|not installed|no (?:available )?plugin", re.I)
+_STRICT = re.compile(r"scan start must be zero and scan stop must be 63", re.I)
+_PLUGIN_LINE = re.compile(r"^\s*([\w-]+): (.+)$")
+_PLUGIN_PACKAGE = {
+    "pylibjpeg": "pylibjpeg-libjpeg",
+    "pillow": "Pillow",
+    "gdcm": "GDCM (python-gdcm)",
+}
+
+
+def _codec_error(ds: Dataset, tsyntax: object, exc: Exception) -> UnsupportedImage | None:
+    """An honest UnsupportedImage when every installed decoder declined the encoding or
+    rejected a non-conformant (not damaged) stream; None when one reported damage (a
+    stream out of sync, a cut marker), which stays CorruptImage."""
+    lines = [m.groups() for m in map(_PLUGIN_LINE.match, str(exc).splitlines()) if m]
+    if not lines or not all(_UNSUPPORTED.search(msg) or _STRICT.search(msg) for _, msg in lines):
+        return None
+    name = UID(str(tsyntax)).name if tsyntax else "unknown"
+    bits = ds.get("BitsStored")
+    what = f"'{name}'" + (f" with {bits}-bit samples" if bits else "")
+    said = "; ".join(
+        f"{_PLUGIN_PACKAGE.get(p, p)}: "
+        + (
+            "rejects this stream's scan header (not standard for sequential JPEG)"
+            if _STRICT.search(msg)
+            else "does not decode this encoding"
+        )
+        for p, msg in lines
+    )
+    return UnsupportedImage(
+        f"no installed DICOM decoder can read this {what} pixel data ({said}); the file is "
+        "not necessarily damaged: decompress it (DCMTK dcmdjpeg, or the PACS's "
+        "uncompressed export) and send that"
+    )
 
 
 def _grey_to_uint8(arr: np.ndarray, ds: Dataset, index: int, photometric: str) -> np.ndarray:

@@ -10,7 +10,12 @@ import numpy as np
 
 @dataclass(frozen=True)
 class StudyContext:
-    """What MedLens may know, log and store about an image: no direct identifiers."""
+    """What MedLens may know, log and store about an image: no direct identifiers.
+
+    DICOM UIDs and free text are *not* here: a Study/Series Instance UID links the result
+    to one patient's record at the site as surely as an MRN, and typed text names people.
+    They live in ``Identifiers`` (``DecodedImage.identifiers``).
+    """
 
     source_format: str  # "png", "jpeg", "bmp", "tiff", "webp", "dicom"
     width: int
@@ -18,8 +23,6 @@ class StudyContext:
     modality: str | None = None  # DICOM Modality, e.g. "CR", "DX"
     body_part: str | None = None  # DICOM BodyPartExamined, e.g. "CHEST"
     view: str | None = None  # ViewPosition, e.g. "PA", "AP", "LL"
-    study_uid: str | None = None
-    series_uid: str | None = None
     age_years: float | None = None
     sex: str | None = None  # "M", "F", "O" or None
     photometric: str | None = None  # e.g. "MONOCHROME1", "RGB"
@@ -28,6 +31,16 @@ class StudyContext:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    # Moved to ``Identifiers`` (issue #13); always None here, kept only so callers not yet
+    # updated (report.model) read "no UID" instead of failing. Not part of to_dict().
+    @property
+    def study_uid(self) -> None:
+        return None
+
+    @property
+    def series_uid(self) -> None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,15 @@ class Identifiers:
 
     def __bool__(self) -> bool:
         return bool(self.values)
+
+    @property
+    def study_uid(self) -> str | None:
+        """DICOM StudyInstanceUID, for a site that stores identifiers (audit opt-in)."""
+        return self.values.get("StudyInstanceUID")
+
+    @property
+    def series_uid(self) -> str | None:
+        return self.values.get("SeriesInstanceUID")
 
 
 @dataclass(frozen=True)

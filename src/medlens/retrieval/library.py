@@ -10,9 +10,15 @@ Design decisions (each one a requirement of issue #5):
   and run through the model.
 - Named vectors ``image`` and ``text`` (reports, clinical notes, symptom sentences); a
   text-only record (a report without its image) has only ``text``.
-- The payload holds labels, mapped finding ids, the record's text, a thumbnail path and a
-  whitelist of safe metadata (sex, age, view, ...); the patient/group id is stored only as
-  a hash (a pseudonym), and DICOM identifiers are never read.
+- The payload holds labels, mapped finding ids, the record's text, the thumbnail's name
+  (relative to ``MEDLENS_HOME/thumbnails``, resolved server-side only) and a whitelist of
+  safe metadata (sex, age, view, ...); the patient/group id is stored only as a keyed hash
+  (a pseudonym), and DICOM identifiers are never read.
+- Case ids are opaque (an HMAC of content hash, dataset and record id, keyed with the
+  installation secret): file names and record ids can name a patient. A library owner
+  opts in to the datasets' own ids (and image paths relative to the dataset root) with
+  MEDLENS_LIBRARY_NAMED_IDS=1 or ``medlens index --named-ids``. No payload field and no
+  search result ever holds an absolute path.
 - Each library keeps a JSON record (``MEDLENS_HOME/libraries/<name>.json``) of the
   manifest versions and model fingerprint every collection was built from, so
   ``medlens index --check`` can say when it is stale.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -88,8 +95,32 @@ def thumbnails_dir() -> Path:
     return get_settings().home / "thumbnails"
 
 
+def thumbnail_name(content_hash: str) -> str:
+    """The thumbnail's name relative to ``thumbnails_dir()``: what payloads store."""
+    return f"{content_hash[:2]}/{content_hash}.jpg"
+
+
 def thumbnail_path(content_hash: str) -> Path:
-    return thumbnails_dir() / content_hash[:2] / f"{content_hash}.jpg"
+    return thumbnails_dir() / thumbnail_name(content_hash)
+
+
+_THUMB_NAME = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{64}\.jpg$")
+
+
+def public_thumbnail(value: str | None) -> str | None:
+    """A payload's thumbnail as a relative name. Libraries built before opaque ids stored
+    absolute paths; the name is recovered from them so no response shows the path."""
+    if not value:
+        return None
+    p = Path(value)
+    name = f"{p.parent.name}/{p.name}" if p.is_absolute() else value
+    return name if _THUMB_NAME.match(name) else None
+
+
+def resolve_thumbnail(value: str | None) -> Path | None:
+    """Server side only: the file of a payload's thumbnail name, inside thumbnails_dir()."""
+    name = public_thumbnail(value)
+    return thumbnails_dir() / name if name else None
 
 
 # ----------------------------------------------------------------------------- registry
@@ -111,9 +142,12 @@ def list_libraries() -> list[str]:
 def _registry_lock(name: str) -> Iterator[None]:
     import fcntl
 
-    d = libraries_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / f".{name}.lock", "w") as fh:
+    from medlens.config import ensure_home, private_dir
+
+    ensure_home()
+    d = private_dir(libraries_dir())
+    fd = os.open(d / f".{name}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -148,6 +182,49 @@ def point_id(content_hash: str, dataset: str, record_id: str) -> str:
     return str(uuid.uuid5(POINT_NAMESPACE, f"{content_hash}|{dataset}|{record_id}"))
 
 
+def _secret() -> bytes:
+    from medlens.config import get_settings
+
+    return get_settings().install_secret()
+
+
+def case_id(
+    content_hash: str,
+    dataset: str,
+    record_id: str,
+    *,
+    named: bool = False,
+    secret: bytes | None = None,
+) -> str:
+    """The id a case is shown by: opaque (16 hex of an HMAC of content hash, dataset and
+    record id with the installation secret: stable across re-indexing, unique per record,
+    and reveals neither the file name nor, without the secret, whether an image is in the
+    library), or the record's own id when the library owner opted in (``named``)."""
+    if named:
+        return str(record_id)
+    msg = f"case|{content_hash}|{dataset}|{record_id}".encode()
+    return hmac.new(secret or _secret(), msg, hashlib.sha256).hexdigest()[:16]
+
+
+def group_pseudonym(dataset: str, group: str, secret: bytes | None = None) -> str:
+    """Keyed pseudonym of a patient/group id: "same patient" can be excluded from the
+    neighbours, and a guessable id (PAT_123) cannot be confirmed without the secret."""
+    msg = f"group|{dataset}|{group}".encode()
+    return hmac.new(secret or _secret(), msg, hashlib.sha256).hexdigest()[:16]
+
+
+def _relative_path(manifest: Any, record: Any) -> str | None:
+    """The image's path relative to its dataset root (never absolute); None when it lies
+    outside the root."""
+    if record.path is None:
+        return None
+    try:
+        root = Path(manifest.root).resolve()
+        return Path(record.path).resolve().relative_to(root).as_posix()
+    except (TypeError, ValueError):
+        return None
+
+
 def _norm_sex(v: Any) -> str | None:
     s = str(v or "").strip().upper()
     return {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}.get(s) or ("O" if s == "O" else None)
@@ -170,10 +247,23 @@ def _findings(manifest: Any, record: Any) -> list[str]:
     return pack.findings_for(vocab, record.labels, unknown="skip")
 
 
-def build_payload(manifest: Any, record: Any, content_hash: str, has_image: bool) -> dict:
+def build_payload(
+    manifest: Any,
+    record: Any,
+    content_hash: str,
+    has_image: bool,
+    *,
+    named_ids: bool = False,
+    secret: bytes | None = None,
+) -> dict:
+    """What a point stores: no absolute path, and with opaque ids (the default) neither
+    the record id nor the file name, which can carry a patient's name."""
+    secret = secret or _secret()
     meta = {k: record.meta.get(k) for k in SAFE_META if record.meta.get(k) is not None}
     payload: dict[str, Any] = {
-        "case_id": str(record.id),
+        "case_id": case_id(
+            content_hash, manifest.name, str(record.id), named=named_ids, secret=secret
+        ),
         "dataset": manifest.name,
         "dataset_version": manifest.version,
         "domain": manifest.domain,
@@ -182,13 +272,11 @@ def build_payload(manifest: Any, record: Any, content_hash: str, has_image: bool
         "findings": _findings(manifest, record),
         "text": record.text,
         "content_hash": content_hash,
-        "image_path": str(record.path) if record.path is not None else None,
-        "thumbnail": str(thumbnail_path(content_hash)) if has_image else None,
+        "image_path": _relative_path(manifest, record) if named_ids else None,
+        "thumbnail": thumbnail_name(content_hash) if has_image else None,
         # A pseudonym: "same patient" can be excluded from neighbours without the raw id.
         "group_hash": (
-            hashlib.sha256(f"{manifest.name}|{record.group}".encode()).hexdigest()[:16]
-            if record.group
-            else None
+            group_pseudonym(manifest.name, str(record.group), secret) if record.group else None
         ),
         "sex": _norm_sex(meta.pop("sex", None) or meta.pop("gender", None)),
         "age": _norm_age(meta.pop("age", None)),
@@ -242,7 +330,10 @@ def _write_thumbnail(pixels: np.ndarray, path: Path) -> None:
         return
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from medlens.config import private_dir
+
+    private_dir(thumbnails_dir())
+    private_dir(path.parent)
     im = Image.fromarray(pixels)
     im.thumbnail((THUMB_SIZE, THUMB_SIZE))
     fd, tmp = tempfile.mkstemp(prefix=".thumb.", suffix=".jpg", dir=path.parent)
@@ -318,19 +409,30 @@ def ingest(
     workers: int = 2,
     refresh: bool = False,
     advance: Advance | None = None,
+    named_ids: bool | None = None,
 ) -> IngestReport:
     """Index ``manifest`` into ``library``; returns what was done.
 
     Idempotent: records already in the collection are skipped (``refresh`` rewrites
     them, still without forward passes when the cache is warm). ``advance(n)`` is called
-    as records complete (progress bars).
+    as records complete (progress bars). ``named_ids`` (default MEDLENS_LIBRARY_NAMED_IDS)
+    shows cases by their record ids instead of opaque ids; changing it for a collection
+    rewrites that dataset's payloads.
     """
+    from medlens.config import get_settings
+
     t0 = time.perf_counter()
     check_library(library)
+    settings = get_settings()
+    named = settings.library_named_ids if named_ids is None else bool(named_ids)
+    secret = settings.install_secret()
     store = store or open_store()
     cache = cache or embeddings.open_store()
     fp, space = encoder.fingerprint, embeddings.image_space(encoder)
     coll = collection_name(library, manifest.domain, fp)
+    built = read_library(library)["collections"].get(coll, {}).get("datasets", {})
+    if manifest.name in built and bool(built[manifest.name].get("named_ids")) != named:
+        refresh = True  # the ids of this dataset's points change: rewrite every payload
     rep = IngestReport(library, coll, manifest.name, manifest.domain, encoder.name, fp)
     store.create(coll, {"image": encoder.dim, "text": encoder.dim})
 
@@ -355,7 +457,7 @@ def ingest(
     if advance and rep.already_indexed:
         advance(rep.already_indexed + len(rep.failed))
 
-    _register(library, coll, manifest, encoder, source, status="building")
+    _register(library, coll, manifest, encoder, source, status="building", named_ids=named)
     has_image = {id(r): (r.path is not None or r.array_index is not None) for r, _, _ in todo}
     cached = cache.get_many([h for r, h, _ in todo if has_image[id(r)]], space)
     # Cache hits with a thumbnail need no decoding at all.
@@ -382,7 +484,7 @@ def ingest(
                 vecs["text"] = text_vecs[text_key(r.text)]
             if not vecs:
                 continue
-            payload = build_payload(manifest, r, h, "image" in vecs)
+            payload = build_payload(manifest, r, h, "image" in vecs, named_ids=named, secret=secret)
             for k, v in contexts.get(h, {}).items():
                 if v is not None and payload.get(k) is None:
                     payload[k] = _norm_sex(v) if k == "sex" else v
@@ -402,7 +504,9 @@ def ingest(
     if rep.indexed:
         store.optimize(coll)
     count = store.count(coll)
-    _register(library, coll, manifest, encoder, source, status="ready", points=count)
+    _register(
+        library, coll, manifest, encoder, source, status="ready", points=count, named_ids=named
+    )
     rep.seconds = round(time.perf_counter() - t0, 2)
     return rep
 
@@ -464,7 +568,9 @@ def _text_vectors(encoder, cache, texts, rep) -> dict[str, np.ndarray]:
     return dict(zip((text_key(t) for t in distinct), emb, strict=True))
 
 
-def _register(library, coll, manifest, encoder, source, *, status, points=None) -> None:
+def _register(
+    library, coll, manifest, encoder, source, *, status, points=None, named_ids=False
+) -> None:
     def fn(data: dict[str, Any]) -> None:
         c = data["collections"].setdefault(coll, {"datasets": {}})
         c.update(
@@ -483,6 +589,7 @@ def _register(library, coll, manifest, encoder, source, *, status, points=None) 
             "records": len(manifest.records),
             "source": source or {"dataset": manifest.name, "root": str(manifest.root)},
             "indexed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "named_ids": bool(named_ids),
         }
 
     _update_library(library, fn)
@@ -499,6 +606,12 @@ def load_source(source: str, domain: str | None = None) -> tuple[Any, dict[str, 
     if source in DATASETS:
         return load_dataset(source), {"dataset": source}
     path = Path(source).expanduser()
+    if not path.exists() and not path.is_absolute():
+        from medlens.config import get_settings
+
+        data = get_settings().data  # "isic2018-task3-test": a folder of the data root
+        if data is not None and (data / path).exists():
+            path = data / path
     if not path.exists():
         raise ConfigError(
             f"{source!r} is neither a dataset name ({', '.join(DATASETS)}) nor an existing path"
@@ -642,7 +755,10 @@ def search(
 
 
 def result_row(hit: Any) -> dict[str, Any]:
+    """A search result: no absolute path whatever the payload holds (libraries indexed
+    before opaque ids stored them; re-index with --refresh to also make their ids opaque)."""
     p = hit.payload
+    image_path = p.get("image_path")
     return {
         "case_id": p.get("case_id"),
         "dataset": p.get("dataset"),
@@ -651,8 +767,8 @@ def result_row(hit: Any) -> dict[str, Any]:
         "findings": p.get("findings", []),
         "similarity": round(float(hit.score), 4),
         "text": p.get("text"),
-        "thumbnail": p.get("thumbnail"),
-        "image_path": p.get("image_path"),
+        "thumbnail": public_thumbnail(p.get("thumbnail")),
+        "image_path": None if not image_path or Path(image_path).is_absolute() else image_path,
         "split": p.get("split"),
         "sex": p.get("sex"),
         "age": p.get("age"),

@@ -5,13 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medlens.knowledge import domains, load_domain
-from medlens.retrieval.library import DEFAULT_LIBRARY, collections_for, read_library, search
+from medlens.retrieval.library import (
+    DEFAULT_LIBRARY,
+    collections_for,
+    public_thumbnail,
+    read_library,
+    resolve_thumbnail,
+    search,
+)
 from medlens.retrieval.store import open_store
 
 
@@ -55,11 +61,13 @@ class LibraryCaseSearch:
         return self._cases.get(case_id)
 
     def thumbnail(self, case_id: str) -> tuple[bytes, str] | None:
+        """The preview's bytes; its file is resolved here, server-side, from the case's
+        relative thumbnail name (responses never carry a filesystem path)."""
         case = self.get_case(case_id)
-        thumb = case and case.get("thumbnail")
-        if not thumb or not Path(thumb).is_file():
+        path = resolve_thumbnail(case.get("thumbnail") if case else None)
+        if path is None or not path.is_file():
             return None
-        return Path(thumb).read_bytes(), "image/png" if thumb.endswith(".png") else "image/jpeg"
+        return path.read_bytes(), "image/jpeg"
 
     @staticmethod
     def _case(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -78,7 +86,7 @@ class LibraryCaseSearch:
             "text": row.get("text"),
             "dataset": row.get("dataset"),
             "split": row.get("split"),
-            "thumbnail": row.get("thumbnail"),
+            "thumbnail": public_thumbnail(row.get("thumbnail")),
         }
         if "similarity" in row:
             out["score"] = row["similarity"]
