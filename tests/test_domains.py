@@ -134,3 +134,26 @@ def test_analyze_scores_and_detects_the_added_domain(third_pack: Path, data_dir:
     probs = [f["probability"] for f in given.to_dict()["findings"]]
     assert len(probs) == 2 and np.isclose(sum(probs), 1.0, atol=1e-3)
     assert given.triage.level in ("urgent", "routine")
+
+
+def test_a_pack_with_bad_exclusions_is_refused_with_its_file_name(tmp_path: Path) -> None:
+    """``excludes`` belongs to multi-label packs (a differential is exclusive already) and
+    names findings of the pack: a mistake is a ConfigError naming the file, never a
+    silently unconstrained score."""
+    folder = tmp_path / "packs"
+    folder.mkdir()
+    bad = {**FUNDUS, "findings": [*FUNDUS["findings"][:1], {
+        **FUNDUS["findings"][1], "excludes": ["any_other_finding"]}]}  # fmt: skip
+    (folder / "fundus.yaml").write_text(yaml.safe_dump(bad), "utf-8")
+    use_pack_dirs([folder])
+    try:
+        with pytest.raises(ConfigError, match=r"(?s)fundus\.yaml.*excludes is for multi_label"):
+            load_domain("fundus")
+        multi = {**bad, "task": "multi_label", "reference_prompts": ["a normal fundus"]}
+        (folder / "fundus.yaml").write_text(yaml.safe_dump(multi), "utf-8")
+        use_pack_dirs([])
+        use_pack_dirs([folder])
+        pack = load_domain("fundus")
+        assert pack.exclusions == ((1, (0,)),)
+    finally:
+        use_pack_dirs([])

@@ -115,8 +115,127 @@ def test_first_icd10cm_title_fits_finding(pack: KnowledgePack) -> None:
 
 
 def test_snomed_ids_valid(pack: KnowledgePack) -> None:
-    offenders = [f"{f.id}: {f.snomed}" for f in pack.findings if not snomed_valid(f.snomed)]
+    offenders = [
+        f"{f.id}: {f.snomed}" for f in pack.findings if f.snomed and not snomed_valid(f.snomed)
+    ]
     assert not offenders, _report(offenders, f"invalid SNOMED CT ids in {pack.id}")
+
+
+# Top-level or broad concepts that name no particular finding (issue 13: 95320005 stood
+# for five different skin findings).
+GENERIC_SNOMED = {
+    "95320005": "Disorder of skin",
+    "64572001": "Disease",
+    "404684003": "Clinical finding",
+    "55342001": "Neoplastic disease",
+    "19829001": "Disorder of lung",
+    "301256004": "Pleura finding",
+    "118953000": "Bone finding",
+}
+
+
+def _concept(pack: KnowledgePack, fid: str) -> str:
+    """The finding a code belongs to: itself, or what it declares itself a synonym of."""
+    return pack.finding(fid).synonym_of or fid
+
+
+def test_snomed_codes_are_specific_and_unique(pack: KnowledgePack) -> None:
+    """Each SNOMED CT concept stands for one finding (or its declared synonyms), and no
+    finding carries a generic concept. Empty = no verified specific concept yet."""
+    owner: dict[str, str] = {}
+    offenders: list[str] = []
+    for f in pack.findings:
+        if not f.snomed:
+            continue
+        if f.snomed in GENERIC_SNOMED:
+            offenders.append(f"{f.id}: generic concept {f.snomed} {GENERIC_SNOMED[f.snomed]}")
+        first = owner.setdefault(f.snomed, f.id)
+        if _concept(pack, first) != _concept(pack, f.id):
+            offenders.append(f"{f.id}: SNOMED CT {f.snomed} is also {first}'s")
+    assert not offenders, _report(offenders, f"non-specific SNOMED CT codes in {pack.id}")
+
+
+RESIDUAL_ICD10 = re.compile(r"\b(other|unspecified|nonspecific)\b", re.IGNORECASE)
+
+
+def test_shared_icd10cm_codes_are_residual_categories(pack: KnowledgePack) -> None:
+    """ICD-10-CM is a statistical classification: its residual codes ("Other
+    nonspecific abnormal finding of lung field", R91.8) group several findings by
+    design, so those may be shared. A specific code may belong to one finding only
+    (synonyms excepted)."""
+    users: dict[str, set[str]] = {}
+    for f in pack.findings:
+        for code in f.icd10:
+            users.setdefault(code, set()).add(_concept(pack, f.id))
+    offenders = [
+        f"{code} ({icd10cm_title(code)}): {sorted(fids)}"
+        for code, fids in users.items()
+        if len(fids) > 1 and not RESIDUAL_ICD10.search(icd10cm_title(code))
+    ]
+    assert not offenders, _report(offenders, f"specific ICD-10-CM codes shared in {pack.id}")
+
+
+def _finding(fid: str, **extra: object) -> dict:
+    return {
+        "id": fid,
+        "name": fid,
+        "description": {k: "x" * 20 for k in ("presentation", "history", "image_features")}
+        | {"differentials": "x" * 10},
+        "prompts": [f"{fid} {i}" for i in range(5)],
+        "risk": "routine",
+        "next_step": "see a clinician",
+        "icd10": ["R91.8"],
+        **extra,
+    }
+
+
+def _domain(task: str, *findings: dict) -> dict:
+    return {
+        "id": "t",
+        "name": "t",
+        "task": task,
+        "domain_prompts": ["a", "b", "c"],
+        "reference_prompts": ["normal"] if task == "multi_label" else [],
+        "findings": list(findings),
+    }
+
+
+def test_synonym_of_and_excludes_are_validated() -> None:
+    from pydantic import ValidationError
+
+    from medlens.knowledge.schema import Domain
+
+    ok = Domain.model_validate(
+        _domain(
+            "multi_label",
+            _finding("a", snomed="36118008"),
+            _finding("b", snomed="36118008", synonym_of="a"),
+            _finding("normal", excludes=["any_other_finding"]),
+        )
+    )
+    assert ok.excluded_by("normal") == ("a", "b")
+    bad = [
+        _domain("multi_label", _finding("a", synonym_of="zz")),
+        _domain("multi_label", _finding("a", synonym_of="a")),
+        _domain(
+            "multi_label",
+            _finding("a"),
+            _finding("b", synonym_of="a"),
+            _finding("c", synonym_of="b"),
+        ),
+        _domain("single_label", _finding("a"), _finding("b", excludes=["a"])),
+        _domain("multi_label", _finding("a"), _finding("b", excludes=["zz"])),
+        _domain("multi_label", _finding("a", excludes=["b"]), _finding("b", excludes=["a"])),
+    ]
+    for raw in bad:
+        with pytest.raises(ValidationError):
+            Domain.model_validate(raw)
+
+
+def test_no_finding_excludes_every_abnormal_finding() -> None:
+    cxr = load_domain("chest_xray")
+    nf = cxr.finding_ids.index("no_finding")
+    assert cxr.exclusions == ((nf, tuple(i for i in range(len(cxr.findings)) if i != nf)),)
 
 
 def test_check_pack_clean(pack: KnowledgePack) -> None:

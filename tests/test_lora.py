@@ -204,3 +204,43 @@ def test_balancing_and_augmentation(pairs: list) -> None:
     assert a.shape[:2] == (min(skin.shape[:2]),) * 2
     np.testing.assert_array_equal(a, b)  # seeded → reproducible
     assert not np.array_equal(a, aug(skin, "dermatology"))
+
+
+def test_a_saved_adapter_loads_back_by_model_spec(pairs: list, tmp_path: Path) -> None:
+    """What `medlens train align --model hf:<folder> --out RUN` writes (adapter tensors +
+    recipe.json) loads with `--model lora:RUN` and `--model hf:<folder>+lora:<file>`, and
+    embeds exactly as the adapted model in memory (issue 13, item 8)."""
+    from safetensors.torch import save_file
+
+    from medlens.errors import ConfigError
+    from medlens.models.registry import clear_encoder_cache, load_encoder
+
+    enc = _tiny_hf_clip(tmp_path)
+    base = f"hf:{tmp_path / 'tiny-clip'}"
+    out = train_lora(enc, pairs[::3], r=4, alpha=8, epochs=1, lr=2e-3, batch_size=6, seed=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file(adapter_state(enc), str(run / "adapter.safetensors"))  # as cli/train.py does
+    (run / "recipe.json").write_text(json.dumps({"model": base, "lora": out}, default=str))
+
+    images, texts = [p[0] for p in pairs[:4]], [p[1] for p in pairs[:4]]
+    want_img, want_txt = enc.embed_images(images), enc.embed_texts(texts)
+    clear_encoder_cache()
+    plain = load_encoder(base).embed_images(images)
+    assert not np.allclose(plain, want_img, atol=1e-4)  # the adapter changes embeddings
+    for spec in (f"lora:{run}", f"{base}+lora:{run / 'adapter.safetensors'}"):
+        got = load_encoder(spec)
+        assert got.name == spec
+        np.testing.assert_allclose(got.embed_images(images), want_img, atol=1e-6)
+        np.testing.assert_allclose(got.embed_texts(texts), want_txt, atol=1e-6)
+        assert got.fingerprint == enc.fingerprint
+        assert got.logit_scale == pytest.approx(enc.logit_scale)
+    # The cached base is not adapted by loading an adapter on top of it.
+    np.testing.assert_array_equal(load_encoder(base).embed_images(images), plain)
+
+    (run / "recipe.json").unlink()
+    clear_encoder_cache()
+    with pytest.raises(ConfigError, match="recipe"):
+        load_encoder(f"lora:{run}")
+    with pytest.raises(ConfigError, match="open_clip: or hf: base"):
+        load_encoder(f"lite+lora:{run}")

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from medlens.analysis import scoring
 from medlens.knowledge import load_domain
@@ -140,3 +143,56 @@ def test_non_finite_scores_raise_instead_of_triaging() -> None:
         scoring.score(enc, pack, broken, Calibration())
     ok = scoring.score(enc, pack, _unit(1, enc.dim)[0], Calibration())
     assert np.isclose(ok.probabilities.sum(), 1.0)
+
+
+# -- consistency: mutually exclusive findings (issue 13, item 7) --------------------------
+def _logit(p: float) -> float:
+    return float(np.log(p / (1 - p)))
+
+
+def test_no_finding_is_capped_by_the_strongest_abnormal_finding() -> None:
+    """The reported case: no finding 0.58 beside COVID-19 pneumonia 0.96 and hernia 0.79."""
+    pack = load_domain("chest_xray")
+    ids = pack.finding_ids
+    z = np.full((1, len(ids)), _logit(0.05))
+    for fid, p in (("no_finding", 0.58), ("covid19_pneumonia", 0.96), ("hernia", 0.79)):
+        z[0, ids.index(fid)] = _logit(p)
+    p = scoring.calibrated(z, pack, Calibration())[0]
+    assert p[ids.index("no_finding")] == pytest.approx(0.04)
+    assert p[ids.index("covid19_pneumonia")] == pytest.approx(0.96)  # abnormal untouched
+    assert p[ids.index("hernia")] == pytest.approx(0.79)
+    # Restricted to a dataset's columns, the rule still saw the whole row.
+    cols = [ids.index("no_finding"), ids.index("pneumonia")]
+    np.testing.assert_allclose(scoring.calibrated(z, pack, Calibration(), columns=cols)[0], p[cols])
+    # Without a contradiction nothing changes.
+    z[0, ids.index("covid19_pneumonia")] = z[0, ids.index("hernia")] = _logit(0.3)
+    q = scoring.calibrated(z, pack, Calibration())[0]
+    assert q[ids.index("no_finding")] == pytest.approx(0.58)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    z=arrays(np.float64, (4, 19), elements=st.floats(-30, 30)),
+    t=st.floats(0.05, 20.0),
+)
+def test_consistency_invariant_over_random_logits(z: np.ndarray, t: float) -> None:
+    """p(no finding) + max p(abnormal) ≤ 1 for any logits and temperature; abnormal
+    findings are never changed; the rule is idempotent."""
+    pack = load_domain("chest_xray")
+    nf = pack.finding_ids.index("no_finding")
+    cal = Calibration.from_dict({"temperature": {"chest_xray": t}})
+    p = scoring.calibrated(z, pack, cal)
+    raw = scoring.probabilities(z, "multi_label", t)
+    abnormal = np.delete(p, nf, axis=1)
+    assert np.all(p[:, nf] + abnormal.max(axis=1) <= 1.0 + 1e-12)
+    np.testing.assert_array_equal(abnormal, np.delete(raw, nf, axis=1))
+    assert np.all(p[:, nf] <= raw[:, nf])
+    np.testing.assert_array_equal(scoring.consistent(p, pack.exclusions), p)
+
+
+def test_consistency_applies_only_to_declared_exclusions() -> None:
+    p = np.array([[0.9, 0.8, 0.7]])
+    np.testing.assert_array_equal(scoring.consistent(p, ()), p)
+    np.testing.assert_allclose(scoring.consistent(p, [(2, [0])]), [[0.9, 0.8, 0.1]])
+    derm = load_domain("dermatology")
+    assert derm.exclusions == ()  # a differential is exclusive by construction

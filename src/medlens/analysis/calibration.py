@@ -78,7 +78,11 @@ def fit_temperature_multilabel(
     """Temperature minimising the per-finding binary NLL of multi-label ``logits`` (N, K)
     (each finding's logit relative to the domain's reference, as ``scoring.probabilities``
     takes it) for 0/1 ``targets`` (N, K). ``mask`` (N, K) marks the entries that carry a
-    label; unknown entries are ignored."""
+    label; unknown entries are ignored.
+
+    Fitted on the raw sigmoids, before ``scoring.consistent`` caps a finding that
+    declares ``excludes`` ("no finding"): the cap never moves the other findings, and one
+    temperature per domain should not be bent by a rule applied after it."""
     targets = np.asarray(targets)
     if targets.size == 0 or (mask is not None and not np.asarray(mask).any()):
         return 1.0

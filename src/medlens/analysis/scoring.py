@@ -11,11 +11,15 @@ The rule, for a knowledge pack with findings k = 1..K and an encoder with logit 
   (``fuse``);
 - calibration (``models.card.Calibration``): a differential is
   ``softmax((z + b) / T)`` over the findings in play, per-finding scores are
-  ``sigmoid(z / T)``.
+  ``sigmoid(z / T)``;
+- consistency (multi-label packs): a finding that declares ``excludes`` in its pack
+  ("no finding" excludes every other finding) is capped by the Fréchet bound
+  ``p_k := min(p_k, 1 − max_{i ∈ excluded} p_i)`` (``consistent``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,18 +69,45 @@ def fuse(image_logits: np.ndarray, symptom_logits: np.ndarray | None, weight: fl
     return image_logits + float(weight) * symptom_logits
 
 
+Exclusions = Sequence[tuple[int, Sequence[int]]]
+
+
+def consistent(p: np.ndarray, exclusions: Exclusions) -> np.ndarray:
+    """(N, K) multi-label probabilities with every mutually exclusive pair made coherent.
+
+    ``exclusions``: (k, excluded indices) from ``KnowledgePack.exclusions``. If finding k
+    cannot co-occur with finding i, the event "k" lies inside "not i", so any joint
+    distribution with these marginals has P(k) ≤ 1 − P(i) for every such i (the Fréchet
+    bound). The rule ``p_k := min(p_k, 1 − max_i p_i)`` is the smallest change that
+    restores it: it leaves p_k alone where nothing contradicts it, never touches the
+    abnormal findings (whose calibrated probabilities drive triage), and is idempotent.
+    Why not ``p_k · Π(1 − p_i)``: that assumes independent findings and shrinks "no
+    finding" on every normal film where 18 findings each score a little.
+    """
+    if not exclusions:
+        return p
+    p = np.atleast_2d(p)
+    out = p.copy()
+    for k, others in exclusions:
+        if len(others):
+            out[:, k] = np.minimum(p[:, k], 1.0 - p[:, list(others)].max(axis=1))
+    return out
+
+
 def probabilities(
     logits: np.ndarray,
     task: str,
     temperature: float = 1.0,
     bias: np.ndarray | None = None,
+    exclusions: Exclusions = (),
 ) -> np.ndarray:
     """(N, K) probabilities from finding logits: a softmax over the K columns given for
-    a differential (single-label), an independent sigmoid per finding otherwise."""
+    a differential (single-label), an independent sigmoid per finding otherwise, made
+    ``consistent`` with the pack's ``exclusions`` (column indices of ``logits``)."""
     if task == "single_label":
         z = logits if bias is None else logits + bias
         return zeroshot.single_label_probs(z, temperature)
-    return zeroshot.sigmoid(np.atleast_2d(logits) / float(temperature))
+    return consistent(zeroshot.sigmoid(np.atleast_2d(logits) / float(temperature)), exclusions)
 
 
 def calibrated(
@@ -86,12 +117,22 @@ def calibrated(
     columns: list[int] | None = None,
 ) -> np.ndarray:
     """Probabilities as the model's calibration defines them; with ``columns`` (finding
-    indices) the differential is restricted to those findings (a dataset's candidates)."""
+    indices) the differential is restricted to those findings (a dataset's candidates).
+
+    Multi-label: the consistency rule needs every finding, so it is applied to the full
+    row before ``columns`` are taken; logits already cut to fewer columns than the pack
+    has are scored without it (it never changes a finding that declares no ``excludes``).
+    """
     t = calibration.temperature_for(pack.id)
-    bias = calibration.bias_for(pack.id, pack.finding_ids) if pack.task == "single_label" else None
+    logits = np.atleast_2d(logits)
+    if pack.task == "multi_label":
+        full = logits.shape[1] == len(pack.findings)
+        p = probabilities(logits, pack.task, t, exclusions=pack.exclusions if full else ())
+        return p if columns is None else p[:, columns]
+    bias = calibration.bias_for(pack.id, pack.finding_ids)
     if columns is not None:
-        logits = np.atleast_2d(logits)[:, columns]
-        bias = None if bias is None else bias[columns]
+        logits = logits[:, columns]
+        bias = bias[columns]
     return probabilities(logits, pack.task, t, bias)
 
 

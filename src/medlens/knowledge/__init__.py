@@ -109,6 +109,17 @@ class KnowledgePack:
     def finding_ids(self) -> list[str]:
         return [f.id for f in self.domain.findings]
 
+    @property
+    def exclusions(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """(finding index, indices it cannot co-occur with) for every finding that
+        declares ``excludes``: the data ``scoring.consistent`` applies."""
+        idx = {f: i for i, f in enumerate(self.finding_ids)}
+        return tuple(
+            (idx[f.id], tuple(idx[g] for g in self.domain.excluded_by(f.id)))
+            for f in self.domain.findings
+            if f.excludes
+        )
+
     def finding(self, finding_id: str) -> Finding:
         try:
             return self._by_id[finding_id]

@@ -115,7 +115,7 @@ def check_pack(pack: KnowledgePack | Domain) -> list[str]:
         for code in f.icd10:
             if not icd10cm_exists(code):
                 problems.append(f"{at}: ICD-10-CM {code} does not exist")
-        if not snomed_valid(f.snomed):
+        if f.snomed and not snomed_valid(f.snomed):
             problems.append(f"{at}: SNOMED CT id {f.snomed} fails the format/Verhoeff check")
         seen: set[str] = set()
         for prompt in f.prompts:

@@ -18,6 +18,8 @@ RISK_ORDER: dict[str, int] = {"routine": 0, "soon": 1, "urgent": 2}
 # First letter A-Z: ICD-10-CM uses chapter U for emergency codes (U07.1 COVID-19).
 ICD10_FORMAT = re.compile(r"^[A-Z][0-9][0-9AB](\.[0-9A-TV-Z]{1,4})?$")
 SNOMED_FORMAT = re.compile(r"^[1-9][0-9]{5,17}$")
+# ``excludes`` entry meaning every other finding of the pack (e.g. "no finding").
+ANY_OTHER_FINDING = "any_other_finding"
 
 
 class Description(BaseModel):
@@ -45,7 +47,16 @@ class Finding(BaseModel):
     risk: Risk
     next_step: str = Field(min_length=10)
     icd10: tuple[str, ...] = Field(min_length=1)
-    snomed: str
+    # One SNOMED CT concept specific to this finding; unique within the pack (a test
+    # enforces it) unless ``synonym_of`` declares the finding another's synonym. Empty
+    # when no specific concept is known: better no code than a wrong one.
+    snomed: str = ""
+    # Id of the finding this one is a synonym of (same concept, separate label/prompts).
+    synonym_of: str | None = None
+    # Multi-label packs: findings that cannot be present together with this one (ids, or
+    # ``any_other_finding``). The scoring caps this finding's probability at
+    # 1 − max(theirs) (``analysis.scoring.consistent``, docs/analysis.md).
+    excludes: tuple[str, ...] = ()
     # dataset label vocabulary -> label names in that vocabulary that mean this finding
     labels: dict[str, tuple[str, ...]] = {}
 
@@ -60,7 +71,7 @@ class Finding(BaseModel):
     @field_validator("snomed")
     @classmethod
     def _snomed_format(cls, sctid: str) -> str:
-        if not SNOMED_FORMAT.match(sctid):
+        if sctid and not SNOMED_FORMAT.match(sctid):
             raise ValueError(f"SNOMED CT id {sctid!r} is not 6-18 digits")
         return sctid
 
@@ -131,6 +142,44 @@ class Domain(BaseModel):
                 "finding is scored against)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _synonyms_and_exclusions(self) -> Domain:
+        ids = {f.id for f in self.findings}
+        by_id = {f.id: f for f in self.findings}
+        for f in self.findings:
+            if f.synonym_of is not None:
+                target = by_id.get(f.synonym_of)
+                if target is None or target.id == f.id or target.synonym_of is not None:
+                    raise ValueError(
+                        f"{f.id}: synonym_of must name another finding that is not itself "
+                        f"a synonym (got {f.synonym_of!r})"
+                    )
+            if not f.excludes:
+                continue
+            if self.task != "multi_label":
+                raise ValueError(
+                    f"{f.id}: excludes is for multi_label packs (a differential is exclusive)"
+                )
+            unknown = set(f.excludes) - ids - {ANY_OTHER_FINDING}
+            if unknown or f.id in f.excludes:
+                raise ValueError(f"{f.id}: excludes names unknown findings {sorted(unknown)}")
+        # One projection step must settle every constraint: a finding that yields (has
+        # ``excludes``) may not be what another finding excludes.
+        yielding = {f.id for f in self.findings if f.excludes}
+        for f in self.findings:
+            if f.excludes and (hit := yielding & set(self.excluded_by(f.id)) - {f.id}):
+                raise ValueError(
+                    f"{f.id}: excludes {sorted(hit)}, which declare excludes themselves"
+                )
+        return self
+
+    def excluded_by(self, finding_id: str) -> tuple[str, ...]:
+        """The findings ``finding_id`` cannot co-occur with (its ``excludes``, expanded)."""
+        f = next(f for f in self.findings if f.id == finding_id)
+        if ANY_OTHER_FINDING in f.excludes:
+            return tuple(g.id for g in self.findings if g.id != f.id)
+        return f.excludes
 
     @field_validator("concepts")
     @classmethod

@@ -8,6 +8,10 @@ Accepted forms::
     open_clip:hf-hub:<org/repo>           e.g. BiomedCLIP
     open_clip:<local folder>              hub layout: open_clip_config.json + weights
     hf:<model id or local folder>         transformers CLIP / ALIGN / SigLIP
+    lora:<run folder | adapter file>      a LoRA run of ``medlens train align --model
+                                          <base>``: its recipe.json names the base
+    <base spec>+lora:<run folder | file>  the same adapter on an explicitly named base
+                                          (the base moved, e.g. to a local folder)
 
 Loads are slow (seconds to minutes), so encoders are cached per (spec, device) for the
 life of the process; encoders are frozen, so sharing one instance is safe.
@@ -33,12 +37,15 @@ ACCEPTED_FORMS = (
     "BiomedCLIP-PubMedBERT_256-vit_base_patch16_224)",
     "open_clip:<local folder with open_clip_config.json and weights>",
     "hf:<model id or local folder> (transformers CLIP, ALIGN or SigLIP)",
+    "lora:<run folder or adapter.safetensors of `medlens train align --model hf:…|open_clip:…`>",
+    "<base spec>+lora:<run folder or adapter.safetensors> (the adapter on that base)",
 )
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A parsed model spec: ``scheme`` is lite, open_clip or hf."""
+    """A parsed model spec: ``scheme`` is lite, open_clip, hf or lora (``target`` the
+    adapter, ``tag`` an explicit base spec or None: the run's recipe names it)."""
 
     scheme: str
     target: str = ""
@@ -54,6 +61,16 @@ def parse_model_spec(name: str) -> ModelSpec:
     spec = name.strip()
     if spec == "lite":
         return ModelSpec("lite")
+    base, plus, adapter = spec.partition("+lora:")
+    if plus or spec.startswith("lora:"):
+        adapter = adapter if plus else spec[len("lora:") :]
+        if not adapter.strip():
+            raise _bad_spec(name, "nothing after lora:")
+        if plus:
+            if parse_model_spec(base).scheme not in ("open_clip", "hf"):
+                raise _bad_spec(name, "a LoRA adapter needs an open_clip: or hf: base")
+            return ModelSpec("lora", adapter.strip(), base.strip())
+        return ModelSpec("lora", adapter.strip())
     scheme, sep, target = spec.partition(":")
     target = target.strip()
     if not sep or scheme not in ("lite", "open_clip", "hf"):
@@ -105,6 +122,21 @@ def load_encoder(name: str = "lite", *, device: str = "cpu") -> Encoder:
 
 @lru_cache(maxsize=8)
 def _load_cached(spec: ModelSpec, name: str, device: str) -> Encoder:
+    return _load(spec, name, device)
+
+
+def _load(spec: ModelSpec, name: str, device: str) -> Encoder:
+    """A new encoder instance for ``spec`` (uncached: LoRA adapts its base in place)."""
+    if spec.scheme == "lora":
+        from medlens.training.lora import load_adapter
+
+        def load_base(base: str) -> Encoder:
+            base_spec = parse_model_spec(base)
+            if base_spec.scheme not in ("open_clip", "hf"):
+                raise _bad_spec(name, f"the adapter's base {base!r} is not open_clip: or hf:")
+            return _load(base_spec, base.strip(), device)
+
+        return load_adapter(spec.target, spec.tag, load_base, name=name)
     if spec.scheme == "lite":
         from medlens.models.lite import LiteEncoder
 

@@ -80,7 +80,8 @@ def _meta() -> dict[str, Any]:
 
 
 def _finding_code(f: Any) -> dict[str, Any]:
-    codings = [{"system": SNOMED, "code": f.snomed, "display": f.name}]
+    # A finding without a specific SNOMED CT concept carries none (never a generic one).
+    codings = [{"system": SNOMED, "code": f.snomed, "display": f.name}] if f.snomed else []
     codings += [{"system": ICD10CM, "code": c} for c in f.icd10]
     return {"coding": codings, "text": f.name}
 
@@ -172,7 +173,7 @@ def to_fhir_json(report: Report, *, recorded: datetime | None = None) -> dict[st
         "conclusionCode": [
             {"coding": [{"system": SNOMED, "code": top[i].snomed, "display": top[i].name}]}
             for i in report.impression.top_findings
-            if i in top
+            if i in top and top[i].snomed
         ],
         "presentedForm": [
             {

@@ -505,3 +505,71 @@ def pairs_from_datasets(
         "n_free_text_pairs": n_free,
     }
     return pairs, recipe
+
+
+# -- loading a saved adapter (``--model lora:<run folder>``) -------------------------------
+ADAPTER_FILE = "adapter.safetensors"
+RECIPE_FILE = "recipe.json"
+
+
+def load_adapter(
+    path: str, base: str | None, load_base: Callable[[str], Any], *, name: str | None = None
+) -> Any:
+    """The encoder ``medlens train align --model <base>`` adapted: a fresh ``base`` encoder
+    (from ``load_base``; never a shared cached instance, the adapters go in place) with
+    the run's LoRA layers re-injected from its recipe and the saved tensors loaded.
+
+    ``path``: the run folder or its ``adapter.safetensors``; ``recipe.json`` beside it
+    gives r, alpha and the target modules, and the base model spec unless ``base`` names
+    one (the base moved, e.g. to an air-gapped folder). Every saved tensor must fit the
+    rebuilt model and every adapter tensor must be saved: a partial load would embed with
+    random adapters.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from medlens.errors import ModelUnavailable
+
+    p = Path(path).expanduser()
+    file = p / ADAPTER_FILE if p.is_dir() else p
+    if not file.is_file():
+        raise ModelUnavailable(
+            f"LoRA adapter {file} does not exist; `medlens train align --model hf:… --out DIR` "
+            f"writes DIR/{ADAPTER_FILE}"
+        )
+    recipe_path = file.parent / RECIPE_FILE
+    try:
+        run = json.loads(recipe_path.read_text("utf-8"))
+        recipe = run["lora"]["recipe"]
+        r, alpha, targets = int(recipe["r"]), int(recipe["alpha"]), recipe["targets"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"LoRA adapter {file}: {recipe_path} is missing or not a training recipe ({exc}); "
+            "it names the adapted modules, r and alpha"
+        ) from exc
+    base = base or run.get("model")
+    if not isinstance(base, str) or not base or "lora:" in base:
+        raise ConfigError(f"LoRA adapter {file}: no usable base model spec (got {base!r})")
+    enc = load_base(base)
+    fam = _Family(enc)
+    inject_lora(fam.model, targets, r, alpha, 0.0)
+    state = load_file(str(file), device=str(enc.device))
+    own = fam.model.state_dict()
+    heads = re.compile(HEAD_PATTERNS[fam.kind])
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(k for k in own if ("lora_" in k or heads.match(k)) and k not in state)
+    wrong = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
+    if unexpected or missing or wrong:
+        raise ConfigError(
+            f"LoRA adapter {file} does not fit {base}: {len(unexpected)} unknown, "
+            f"{len(missing)} missing, {len(wrong)} mis-shaped tensors "
+            f"(e.g. {(unexpected + missing + wrong)[:3]})"
+        )
+    fam.model.load_state_dict(state, strict=False)
+    fam.model.eval()
+    fam.model.requires_grad_(False)
+    _refresh(enc)
+    enc.name = name or f"{base}+lora:{file}"
+    return enc

@@ -106,9 +106,9 @@ def render_knowledge(result: dict[str, Any]) -> None:
     for i, d in enumerate(result["descriptions"]):
         f = codes.get(d["id"], {})
         with st.expander(f"{d['name']} — {f.get('risk', '')}", expanded=i == 0):
-            st.caption(
-                f"ICD-10-CM {', '.join(f.get('icd10', []))} · SNOMED CT {f.get('snomed', '')}"
-            )
+            codes_line = f"ICD-10-CM {', '.join(f.get('icd10', [])) or '—'}"
+            codes_line += f" · SNOMED CT {f.get('snomed') or '— (no specific concept)'}"
+            st.caption(codes_line)
             for key, title in SECTION_TITLES.items():
                 if d["sections"].get(key):
                     st.markdown(f"**{title}.** {d['sections'][key]}")
