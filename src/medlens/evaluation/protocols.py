@@ -851,7 +851,13 @@ def _multilabel_classification(
     keep = [i for i, t in enumerate(tg) if t]
     if not keep:
         return {"n": 0}
-    z = ctx.logits(pack, emb[keep])[:, order]
+    z_all = ctx.logits(pack, emb[keep])
+    z = z_all[:, order]
+
+    def probs(t: float) -> np.ndarray:
+        """As the pipeline scores: every finding, made consistent, then these columns."""
+        return scoring.probabilities(z_all, pack.task, t, exclusions=pack.exclusions)[:, order]
+
     target = np.array([[c in tg[i] for c in classes] for i in keep], dtype=int)
     y = np.array([classes.index(tg[i][0]) for i in keep])
     pred = z.argmax(1)
@@ -866,7 +872,7 @@ def _multilabel_classification(
         "accuracy_ci": ctx.ci(lambda h: float(h.mean()), hit, groups=groups),
         "majority_class_accuracy": _r(target.sum(0).max() / len(keep)),
         "balanced_accuracy": _r(M.balanced_accuracy(y, pred)),
-        "macro_auroc": _r(M.macro_auroc(target, scoring.probabilities(z, pack.task, t_model))),
+        "macro_auroc": _r(M.macro_auroc(target, probs(t_model))),
         "note": "top-1 = highest-scoring of the findings this dataset's labels map to; "
         "AUROC per finding (one-vs-rest) where both classes occur",
     }
@@ -874,7 +880,7 @@ def _multilabel_classification(
     flat_y = target.ravel()
 
     def to_probs(t: float) -> np.ndarray:
-        return M.binary_probs(scoring.probabilities(z, pack.task, t).ravel())
+        return M.binary_probs(probs(t).ravel())
 
     fitted = fitted_on = None
     if where := ctx.spec.get("calibration_split"):
@@ -892,7 +898,7 @@ def _multilabel_classification(
     if ctx.plot_dir is not None:
         short = f"{ctx.name} findings (n={len(keep)})"
         plots.confusion_matrix(y, pred, classes, ctx.plot("confusion"), short)
-        p = scoring.probabilities(z, pack.task, t_model)
+        p = probs(t_model)
         plots.roc_curves(
             {c: (target[:, k], p[:, k]) for k, c in enumerate(classes)},
             ctx.plot("roc"),
