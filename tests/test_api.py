@@ -162,14 +162,19 @@ def test_analyze_matches_the_library_and_is_audited(
     assert rec.model_fingerprint == lens.encoder.fingerprint
 
 
-def test_analyze_options_and_no_echo(client: TestClient, data_dir: Path) -> None:
+def test_analyze_options_and_no_echo(
+    client: TestClient, data_dir: Path, api_settings: Settings
+) -> None:
     text = "persistent cough, fever and breathlessness for two weeks"
     r = _post_image(client, data_dir / CXR, symptoms=text, domain="chest_xray", top_k="3")
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["domain"] == "chest_xray" and body["domain_detection"]["source"] == "given"
     assert len(body["findings"]) == 3
-    assert body["symptoms"]["sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    from medlens.analysis.symptoms import text_hash
+
+    keyed = text_hash(text, api_settings)  # HMAC with this installation's secret
+    assert body["symptoms"]["sha256"] == keyed != hashlib.sha256(text.encode()).hexdigest()
     assert text not in r.text and "fever and breathlessness" not in r.text
     # An empty symptoms field (what an HTML form sends) means "no symptoms".
     r = _post_image(client, data_dir / ISIC, symptoms="  ")
@@ -569,7 +574,10 @@ def test_analyze_and_search_use_the_library_of_the_app_settings(
     assert got["context_note"] is None and len(want) == 5
     assert got["similar_cases"] == want  # the JSON carries the library's rows unchanged
     assert Analysis.model_validate(got).to_dict() == got  # and conforms to its schema
-    assert {row["case_id"] for row in want} <= {str(r.id) for r in isic.records}
+    from medlens.retrieval.library import case_id, record_hash
+
+    opaque = {case_id(record_hash(isic, r), isic.name, str(r.id)) for r in isic.records}
+    assert {row["case_id"] for row in want} <= opaque
     assert [h["id"] for h in found.json()["results"]] == [row["point_id"] for row in want]
 
 

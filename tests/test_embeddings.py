@@ -494,3 +494,11 @@ def test_a_damaged_database_is_moved_aside_and_the_cache_heals(tmp_path: Path, d
     assert np.array_equal(vec[0], _vec(7.0, 64)) and "x" in fresh.get_many(["x"], sp)
     if len(got) < 3000:
         assert fresh.quarantined and fresh.quarantined[0].exists()
+
+
+def test_the_cache_database_is_private(tmp_path: Path) -> None:
+    store = Store(tmp_path / "cache" / "c.sqlite3")
+    store.put_many({"k": _vec(1.0)}, Space("fp", "image", "plain", "p"))
+    assert (store.path.parent.stat().st_mode & 0o777) == 0o700
+    for p in store.path.parent.iterdir():
+        assert (p.stat().st_mode & 0o777) == 0o600, p

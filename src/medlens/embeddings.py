@@ -184,8 +184,11 @@ class Store:
     (and this object between threads: one connection per thread)."""
 
     def __init__(self, path: Path | str):
+        from medlens.config import private_dir, private_file
+
         self.path = Path(path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
+        private_file(self.path)  # 0600 before SQLite opens it: -wal/-shm inherit the mode
         self._local = threading.local()
         self.rejected = 0  # rows that failed verification on read (and were recomputed)
         self.quarantined: list[Path] = []  # damaged database files moved aside
@@ -224,6 +227,9 @@ class Store:
                 if src.exists():
                     os.replace(src, Path(str(target) + suffix))
             self.quarantined.append(target)
+            from medlens.config import private_file
+
+            private_file(self.path)
             log.warning(
                 "embedding cache %s is damaged (%s): moved to %s and started afresh",
                 self.path,
@@ -676,12 +682,18 @@ def embed_prompt_sets(
     return result
 
 
-def clear_memo() -> None:
-    """Forget the in-process prompt memo and file hashes (tests, long-lived workers)."""
+def clear_memo(*, stores: bool = False) -> None:
+    """Forget the in-process prompt memo and file hashes (tests, long-lived workers);
+    with ``stores``, also close every open database (the next use reopens it)."""
     with _prompt_lock:
         _prompt_memo.clear()
     with _file_lock:
         _file_hashes.clear()
+    if stores:
+        with _stores_lock:
+            for store in _stores.values():
+                store.close()
+            _stores.clear()
 
 
 def embed_records(

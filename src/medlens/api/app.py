@@ -455,7 +455,7 @@ def build_router(domain_ids: Sequence[str] | None = None) -> APIRouter:
 
                 cleaned = clean_symptoms(text, svc.settings.max_text_chars) or ""
                 emb = enc.embed_texts([cleaned])[0]
-                query = {"kind": "text", "sha256": text_hash(cleaned)}
+                query = {"kind": "text", "sha256": text_hash(cleaned, svc.settings)}
             hits = cases.search(emb, k=k, domain=None if domain == "auto" else domain)
             return list(hits), query
 

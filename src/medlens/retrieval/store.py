@@ -188,7 +188,7 @@ class EdgeStore:
         path = self._path(name)
         if self.exists(name):
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # vectors stay private
         cfg = qe.EdgeConfig(
             vectors={
                 v: qe.EdgeVectorParams(size=int(dim), distance=qe.Distance.Cosine)
