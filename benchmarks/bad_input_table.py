@@ -83,6 +83,205 @@ def build_table(data_dir: Path) -> str:
     return header + "\n".join(rows) + "\n" + footer
 
 
+# -- through the whole analysis: out-of-domain inputs and corrupted state ------------------------
+def _outcome(fn) -> tuple[str, str]:
+    """Run ``fn`` (one analysis); ('abstained'|'error'|'analysis'|'traceback', text)."""
+    from medlens.errors import OutOfDomain
+
+    try:
+        a = fn()
+    except OutOfDomain as exc:
+        return "abstained", f"`OutOfDomain`: {exc}"
+    except MedLensError as exc:
+        return "error", f"`{type(exc).__name__}`: {exc}"
+    except Exception as exc:  # the table must show it, not crash on it
+        return "traceback", f"`{type(exc).__name__}`: {exc}"
+    top = a.findings[0]
+    name, p = top["name"], top["probability"]
+    return "analysis", f"{a.domain}: {name} {p:.0%}, triage {a.triage.level}"
+
+
+def ood_inputs(data_dir: Path) -> list[tuple[str, object, str]]:
+    """(label, image bytes or path, forced domain) for inputs MedLens must not diagnose."""
+    import io as _io
+
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    from medlens.evaluation.ood_sets import build
+
+    def png(a) -> bytes:
+        buf = _io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    rows: list[tuple[str, object, str]] = []
+    for name, what in (
+        ("CT_small.dcm", "CT head DICOM"),
+        ("MR_small.dcm", "MR DICOM"),
+        ("US1_UNCR.dcm", "ultrasound DICOM"),
+        ("JPGExtended.dcm", "nuclear-medicine DICOM (12-bit JPEG Extended)"),
+        ("rtdose.dcm", "RT dose DICOM"),
+    ):
+        rows.append((f"{what} (pydicom {name})", Path(get_testdata_file(name)), "auto"))
+    images = {lbl: px for kind in ("dicom_pixels", "natural_photos", "textures",
+                                   "other_medical", "faces", "synthetic")
+              for lbl, px in build(kind)}  # fmt: skip
+    ct = next(lbl for lbl in images if lbl.startswith("CT"))
+    for label, what in (
+        (ct, "CT slice as PNG, header stripped"),
+        ("chelsea.png", "photo of a cat"),
+        ("astronaut.png", "photo of a person"),
+        ("retina.jpg", "retinal fundus photo"),
+        ("ihc.png", "histology slide"),
+        ("brick.png", "brick texture"),
+        ("lfw face 0", "25x25 face thumbnail"),
+        ("checkerboard 16px", "checkerboard"),
+        ("uniform noise 0", "uniform noise"),
+        ("blank 128", "blank grey image"),
+        ("1x1 pixel", "1x1 image"),
+    ):
+        rows.append((what, png(images[label]), "auto"))
+    cxr = sorted((data_dir / "cxr-samples").rglob("*.png"))[0]
+    skin = sorted((data_dir / "isic2018-task3-test").rglob("*.jpg"))[0]
+    rows.append(("chest X-ray sent with --domain dermatology", cxr, "dermatology"))
+    rows.append(("dermoscopy image sent with --domain chest_xray", skin, "chest_xray"))
+    return rows
+
+
+def corrupted_states(home: Path) -> list[tuple[str, object]]:
+    """(label, setup) pairs: ``setup(home)`` damages the state under ``home`` (a fresh
+    MEDLENS_HOME that has analysed one image) and returns the model spec to load."""
+    import shutil
+    import sqlite3
+
+    import numpy as np
+
+    from medlens.models.card import PACKAGED_CARDS, card_path, ood_path
+    from medlens.models.lite import DEFAULT_HEADS_PATH, SUMS_FILE
+
+    def heads(h: Path) -> str:
+        folder = h / "weights"
+        folder.mkdir(exist_ok=True)
+        for name in (DEFAULT_HEADS_PATH.name, SUMS_FILE):
+            shutil.copy(DEFAULT_HEADS_PATH.parent / name, folder / name)
+        path = folder / DEFAULT_HEADS_PATH.name
+        raw = bytearray(path.read_bytes())
+        start = 8 + int.from_bytes(raw[:8], "little")
+        rng = np.random.default_rng(0)
+        n = (len(raw) - start) // 4
+        for i in rng.choice(n, size=n // 50, replace=False):
+            raw[start + 4 * int(i) + 3] ^= 0x80
+        path.write_bytes(bytes(raw))
+        return f"lite:{path}"
+
+    def card(h: Path, text: str) -> str:
+        from medlens.models import load_encoder
+
+        fp = load_encoder("lite").fingerprint
+        path = card_path(h / "cards", fp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text.replace("FP", fp))
+        return "lite"
+
+    def ood_ref(h: Path) -> str:
+        from medlens.models import load_encoder
+
+        fp = load_encoder("lite").fingerprint
+        raw = bytearray(ood_path(PACKAGED_CARDS, fp).read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        out = ood_path(h / "cards", fp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(bytes(raw))
+        return "lite"
+
+    def cache(h: Path, how: str) -> str:
+        db = h / "cache" / "embeddings.sqlite3"
+        if how == "truncate":
+            db.write_bytes(db.read_bytes()[: db.stat().st_size // 2])
+            return "lite"
+        con = sqlite3.connect(db)
+        with con:
+            rows = con.execute("SELECT key, vec FROM vectors WHERE kind='text' ORDER BY key")
+            rows = rows.fetchall()
+            if how == "nan":
+                for key, vec in rows:
+                    nan = np.full(len(vec) // 4, np.nan, "<f4").tobytes()
+                    con.execute("UPDATE vectors SET vec=? WHERE key=?", (nan, key))
+            else:  # rotate: every text's vector moves to the next text's key
+                for (key, _), (_, vec) in zip(rows, rows[1:] + rows[:1], strict=True):
+                    con.execute("UPDATE vectors SET vec=? WHERE key=?", (vec, key))
+        con.close()
+        return "lite"
+
+    return [
+        ("lite heads with 2 % of sign bits flipped", heads),
+        ("model card that is not JSON", lambda h: card(h, "{not json")),
+        (
+            "model card with a NaN temperature",
+            lambda h: card(
+                h, '{"fingerprint": "FP", "calibration": {"temperature": {"dermatology": NaN}}}'
+            ),
+        ),
+        ("out-of-distribution reference with one flipped bit", ood_ref),
+        ("prompt cache: every text vector NaN", lambda h: cache(h, "nan")),
+        ("prompt cache: text vectors rotated between prompts", lambda h: cache(h, "rotate")),
+        ("prompt cache file truncated to half", lambda h: cache(h, "truncate")),
+    ]
+
+
+def analysis_table(data_dir: Path) -> tuple[str, dict[str, int]]:
+    """Markdown rows for out-of-domain inputs and corrupted state through
+    ``MedLens.analyze``, and the counts the issue asks to be zero."""
+    import os
+
+    from medlens import MedLens
+    from medlens.embeddings import clear_memo
+    from medlens.models import clear_encoder_cache
+
+    counts = {"tracebacks": 0, "ood_diagnosed": 0, "corrupt_triaged_wrong": 0}
+    rows = ["| input | result |", "|---|---|"]
+    lens = MedLens(retrieval=False)
+    for label, image, domain in ood_inputs(data_dir):
+        kind, text = _outcome(lambda i=image, d=domain: lens.analyze(i, domain=d))
+        counts["tracebacks"] += kind == "traceback"
+        counts["ood_diagnosed"] += kind == "analysis"
+        rows.append(f"| {_cell(label)} | {_cell(text)} |")
+    skin = sorted((data_dir / "isic2018-task3-test").rglob("*.jpg"))[0]
+    clean = lens.analyze(skin)
+    rows += ["", "| corrupted state | result |", "|---|---|"]
+    saved = os.environ.get("MEDLENS_HOME")
+    try:
+        for label, damage in corrupted_states(Path(".")):
+            with tempfile.TemporaryDirectory(prefix="medlens-state-") as tmp:
+                home = Path(tmp)
+                os.environ["MEDLENS_HOME"] = str(home)
+                clear_memo(stores=True)
+                MedLens(retrieval=False).analyze(skin)  # a used install: caches filled
+                clear_memo(stores=True)
+                clear_encoder_cache()
+                spec = damage(home)
+                kind, text = _outcome(lambda s=spec: MedLens(s, retrieval=False).analyze(skin))
+                if kind == "analysis":
+                    again = MedLens(spec, retrieval=False).analyze(skin)
+                    same = [f["probability"] for f in again.findings] == [
+                        f["probability"] for f in clean.findings
+                    ]
+                    text = ("healed: the same analysis as on a clean install, " if same else
+                            "DIFFERENT from a clean install: ") + text  # fmt: skip
+                    counts["corrupt_triaged_wrong"] += not same
+                counts["tracebacks"] += kind == "traceback"
+                rows.append(f"| {_cell(label)} | {_cell(text)} |")
+                clear_memo(stores=True)
+                clear_encoder_cache()
+    finally:
+        if saved is None:
+            os.environ.pop("MEDLENS_HOME", None)
+        else:
+            os.environ["MEDLENS_HOME"] = saved
+    return "\n".join(rows) + "\n", counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
@@ -93,6 +292,17 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     table = build_table(data_dir)
+    rows, counts = analysis_table(data_dir)
+    table += (
+        "\n## Through the whole analysis: out-of-domain inputs and corrupted state\n\n"
+        "Each input through `MedLens.analyze` (auto domain unless stated). Corrupted-state "
+        "rows start from a fresh MEDLENS_HOME that has analysed one ISIC image (so its "
+        "caches are filled), damage one thing, and analyse the same image again in a new "
+        "`MedLens`. Counts: "
+        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items())
+        + ".\n\n"
+        + rows
+    )
     print(table, end="")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

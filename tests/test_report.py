@@ -35,7 +35,7 @@ from medlens.pipeline import MedLens
 from medlens.report import build_report, render
 from medlens.report.fhir import AIAST, ICD10CM, SNOMED, check_bundle, to_fhir_bundle, to_fhir_json
 from medlens.report.markdown import to_markdown
-from medlens.report.model import LOW_DOMAIN_SCORE, Report
+from medlens.report.model import Report
 from medlens.report.pdf import to_pdf
 
 SKIN = "isic2018-task3-test/images/ISIC_0034524.jpg"
@@ -88,7 +88,7 @@ def test_report_is_derived_from_the_analysis(name: str, cases: dict) -> None:
     assert report.disclaimer == a.disclaimer
     assert len(report.evidence.passages) == len(a.knowledge)
     assert report.evidence.passages[0].source == a.knowledge[0].source
-    assert report.technique.study_uid == a.input.context.study_uid
+    assert report.technique.study_uid is None  # UIDs are identifiers: never in the context
     # No identifiers: the DICOM's patient name and id appear nowhere in any rendering.
     dumped = json.dumps(report.to_dict()) + to_markdown(report)
     dumped += json.dumps(to_fhir_json(report))
@@ -122,12 +122,17 @@ def test_narrative_sentences_come_from_fields(name: str, cases: dict) -> None:
     assert build_report(cases[name][1]).narrative_text == text
 
 
-def test_low_domain_score_warns(lens: MedLens, data_dir: Path, cases: dict) -> None:
-    # A skin photograph scored as a chest X-ray: the chest domain score is near zero.
-    forced = lens.analyze(data_dir / SKIN, domain="chest_xray")
-    assert forced.domain_detection.scores["chest_xray"] < LOW_DOMAIN_SCORE
-    warned = [x for x in build_report(forced).limitations if x.startswith("Warning")]
+def test_low_domain_score_and_quality_warn(lens: MedLens, data_dir: Path, cases: dict) -> None:
+    # A skin photograph forced to the chest pack now abstains (tests/test_ood.py); an
+    # analysis whose domain score is low (a domain given by the caller) still warns.
+    d = cases["skin"][1].to_dict()
+    d["domain_detection"] = {"source": "given", "scores": {"dermatology": 0.3, "chest_xray": 0.7}}
+    warned = [x for x in build_report(d).limitations if x.startswith("Warning")]
     assert len(warned) == 1 and "out of scope" in warned[0]
+    d["domain_detection"]["scores"] = {"dermatology": 0.9, "chest_xray": 0.1}
+    d["quality"] = {**d["quality"], "status": "low_quality", "warnings": ["low quality: x"]}
+    warned = [x for x in build_report(d).limitations if x.startswith("Warning")]
+    assert warned == ["Warning: Low quality: x."]
     own = build_report(cases["skin"][1])
     assert not [x for x in own.limitations if x.startswith("Warning")]
 
@@ -147,8 +152,12 @@ def test_bad_analyses_are_refused(cases: dict) -> None:
 
 
 # -- Markdown ------------------------------------------------------------------------------
+STUDY_UID = "1.2.826.0.1.3680043.8.498.1"  # a study UID a caller holding identifiers passes
+
+
 def test_markdown_lists_the_report(cases: dict) -> None:
-    report = build_report(cases["chest-xray"][1])
+    assert build_report(cases["chest-xray"][1]).technique.study_uid is None  # never implied
+    report = build_report(cases["chest-xray"][1], study_uid=STUDY_UID)
     md = to_markdown(report)
     for heading in ("Indication", "Technique", "Findings", "Impression", "Recommendation",
                     "Evidence", "Limitations"):  # fmt: skip
@@ -166,7 +175,7 @@ def _resources(bundle: dict[str, Any], kind: str) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("name", ["skin", "chest-xray"])
 def test_fhir_bundle_parses_and_passes_the_check(name: str, cases: dict) -> None:
-    report = build_report(cases[name][1])
+    report = build_report(cases[name][1], study_uid=STUDY_UID if name == "chest-xray" else None)
     text = to_fhir_bundle(report).model_dump_json(exclude_none=True)
     parsed = Bundle.model_validate_json(text)  # R4B parses it back
     assert check_bundle(parsed) == []
@@ -178,7 +187,9 @@ def test_fhir_bundle_parses_and_passes_the_check(name: str, cases: dict) -> None
     assert len(observations) == len(report.findings) == len(dr["result"])
     for obs, f in zip(observations, report.findings, strict=True):
         codings = obs["code"]["coding"]
-        assert {"system": SNOMED, "code": f.snomed, "display": f.name} in codings
+        snomed = {"system": SNOMED, "code": f.snomed, "display": f.name}
+        assert (snomed in codings) == bool(f.snomed)
+        assert all(c["code"] for c in codings)  # never an empty code
         assert [c["code"] for c in codings if c["system"] == ICD10CM] == list(f.icd10)
         assert obs["valueQuantity"]["value"] == f.probability
         assert ("coding" in obs["interpretation"][0]) == (f.sets_triage and f.risk != "routine")

@@ -1,20 +1,23 @@
 """The MedLens facade: the one place where the flow of an analysis is wired.
 
-decode (io) → one encoder forward → zero-shot logits (+ symptom evidence) → probabilities
-→ triage → descriptions of the top findings → an ``Analysis`` (JSON-serialisable).
+decode (io) → quality gate → one encoder forward → domain, admitted by the
+out-of-distribution gate (``analysis.ood``) or abstention → zero-shot logits (+ symptom
+evidence) → probabilities → triage → descriptions of the top findings → an ``Analysis``
+(JSON-serialisable).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medlens.analysis import domain as domain_mod
-from medlens.analysis import scoring
+from medlens.analysis import ood, scoring
 from medlens.analysis.result import (  # noqa: F401  (DISCLAIMER, SCHEMA_VERSION re-exported)
     DISCLAIMER,
     SCHEMA_VERSION,
@@ -23,6 +26,7 @@ from medlens.analysis.result import (  # noqa: F401  (DISCLAIMER, SCHEMA_VERSION
 from medlens.analysis.symptoms import clean_symptoms, text_hash
 from medlens.analysis.triage import triage
 from medlens.config import Settings, get_settings
+from medlens.embeddings import is_feature_encoder
 from medlens.errors import ConfigError, MedLensError, OutOfDomain
 from medlens.io import DecodedImage, load_image
 from medlens.knowledge import KnowledgePack, domains, load_domain, use_pack_dirs
@@ -30,6 +34,17 @@ from medlens.models.base import ensemble, flipped
 from medlens.models.card import ModelCard, card_for
 
 log = logging.getLogger("medlens")
+
+
+@dataclass
+class Admission:
+    """What the gate before scoring decided for one image (``MedLens.admit``)."""
+
+    domain: str
+    source: str  # "given" | "dicom" | "image"
+    gate: ood.Gate
+    embedding: np.ndarray
+    domain_scores: dict[str, float]
 
 
 class MedLens:
@@ -112,23 +127,10 @@ class MedLens:
         t0 = time.perf_counter()
         decoded = self.decode(image, filename)
         timings["decode"] = (time.perf_counter() - t0) * 1000
-        if (why := domain_mod.unsupported_dicom(decoded.context)) is not None:
-            raise OutOfDomain(f"{why}: MedLens abstains rather than guess")
-
-        t1 = time.perf_counter()
-        enc = self.encoder
-        emb = enc.embed_images([decoded.pixels])[0]
-        timings["encode"] = (time.perf_counter() - t1) * 1000
-
+        adm = self.admit(decoded, domain, timings)
+        emb, chosen, source, gate = adm.embedding, adm.domain, adm.source, adm.gate
+        domain_scores = adm.domain_scores
         t2 = time.perf_counter()
-        scores = domain_mod.domain_scores(emb, enc, self.cache_dir)[0]
-        domain_scores = {d: round(float(s), 4) for d, s in zip(domains(), scores, strict=True)}
-        if domain != "auto":
-            chosen, source = domain, "given"
-        elif (from_ctx := domain_mod.domain_from_context(decoded.context)) is not None:
-            chosen, source = from_ctx, "dicom"
-        else:
-            chosen, source = domains()[int(np.argmax(scores))], "image"
         pack = load_domain(chosen)
         score_emb = self._scoring_embedding(pack, decoded.pixels, emb, timings)
         probs, sym = self._score(pack, score_emb, symptoms)
@@ -156,13 +158,14 @@ class MedLens:
             domain_detection={"source": source, "scores": domain_scores},
             model={
                 "name": self.model_name,
-                "fingerprint": enc.fingerprint,
+                "fingerprint": self.encoder.fingerprint,
                 "calibration": self.card.calibration.id,
             },
             findings=findings,
             triage=tri,
             descriptions=descriptions,
             input={"content_hash": decoded.content_hash, "context": decoded.context.to_dict()},
+            quality=gate.to_dict(),
             symptoms=sym,
             top_k=top_k,
             similar_cases=cases,
@@ -171,6 +174,52 @@ class MedLens:
             timings_ms={k: round(v, 1) for k, v in timings.items()},
             embedding=emb,
         )
+
+    def admit(
+        self, decoded: DecodedImage, domain: str = "auto", timings: dict | None = None
+    ) -> Admission:
+        """The gate before any score: DICOM header rules, pixel quality, one forward pass,
+        domain candidates and the out-of-distribution check (``analysis.ood``). Raises
+        ``OutOfDomain`` (MedLens abstains) or returns what the analysis goes on with.
+        ``benchmarks/ood_gate.py`` measures exactly this."""
+        timings = {} if timings is None else timings
+        if (why := domain_mod.unsupported_dicom(decoded.context)) is not None:
+            raise OutOfDomain(f"{why}: MedLens abstains rather than guess")
+        ctx = decoded.context
+        gate = ood.Gate(
+            warnings=ood.check_pixels(decoded.pixels)
+            + ood.frames_note(ctx.frames, ctx.source_format)
+        )
+        t1 = time.perf_counter()
+        emb, feats = self._encode(decoded.pixels)
+        timings["encode"] = (time.perf_counter() - t1) * 1000
+        t2 = time.perf_counter()
+        scores = domain_mod.domain_scores(emb, self.encoder, self.cache_dir)[0]
+        candidates, source = domain_mod.candidates(scores, domain, ctx)
+        chosen = ood.choose_domain(self.card.ood, emb, candidates, gate, feats)
+        timings["gate"] = (time.perf_counter() - t2) * 1000
+        return Admission(
+            domain=chosen,
+            source=source,
+            gate=gate,
+            embedding=emb,
+            domain_scores={d: round(float(s), 4) for d, s in zip(domains(), scores, strict=True)},
+        )
+
+    def _encode(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """One forward pass: the embedding and, when the gate's reference uses them and
+        the encoder exposes them (lite), the image tower's features it was computed
+        from (``embed_images`` is exactly features → heads)."""
+        enc = self.encoder
+        ref = self.card.ood
+        if ref is not None and ref.uses_features and is_feature_encoder(enc):
+            import torch
+
+            feats = enc.image_features([pixels])
+            with torch.inference_mode():
+                emb, _ = enc.embed_from_features(img_feats=feats)
+            return emb.float().cpu().numpy()[0], feats.numpy()
+        return enc.embed_images([pixels])[0], None
 
     def _scoring_embedding(
         self, pack: KnowledgePack, pixels: np.ndarray, emb: np.ndarray, timings: dict
@@ -230,7 +279,7 @@ class MedLens:
         if s.symptom_probabilities is not None:
             order = np.argsort(-s.symptom_probabilities)[:3]
             sym_info = {
-                "sha256": text_hash(symptoms),
+                "sha256": text_hash(symptoms, self.settings),
                 "weight": self.symptom_weight,
                 "closest_findings": [
                     {

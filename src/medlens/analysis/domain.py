@@ -62,3 +62,16 @@ def domain_from_context(context: StudyContext | None) -> str | None:
         if body_part in rule.body_parts or (not body_part and rule.body_part_default):
             return d
     return None
+
+
+def candidates(
+    scores: np.ndarray, domain: str = "auto", context: StudyContext | None = None
+) -> tuple[list[str], str]:
+    """The domains an image may be scored in, most likely first, and why: the one given,
+    the one the DICOM header names, or every domain by zero-shot ``scores`` (the
+    out-of-distribution gate then admits the first whose reference accepts the image)."""
+    if domain != "auto":
+        return [domain], "given"
+    if (from_ctx := domain_from_context(context)) is not None:
+        return [from_ctx], "dicom"
+    return [domains()[i] for i in np.argsort(-np.asarray(scores))], "image"

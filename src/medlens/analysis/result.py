@@ -45,6 +45,8 @@ __all__ = [
     "InputInfo",
     "KnowledgePassage",
     "ModelInfo",
+    "OodCheck",
+    "QualityInfo",
     "SimilarCase",
     "SymptomMatch",
     "SymptomSummary",
@@ -72,6 +74,26 @@ class DomainDetection(_Part):
 
     source: Literal["given", "dicom", "image"]
     scores: dict[str, float] = Field(description="zero-shot domain probabilities")
+
+
+class OodCheck(_Part):
+    """The out-of-distribution check that admitted the image (``analysis.ood``)."""
+
+    domain: str
+    score: float = Field(
+        description="distance to the nearest reference source over its threshold (≤ 1 admits)"
+    )
+    nearest_source: str = Field(description="the reference dataset the image is closest to")
+    reference: str = Field(description="id of the out-of-distribution reference used")
+
+
+class QualityInfo(_Part):
+    """What the gate before scoring found: ``low_quality`` carries warnings; an image
+    that fails the gate is never an Analysis (OutOfDomain: MedLens abstains)."""
+
+    status: Literal["ok", "low_quality"]
+    warnings: list[str]
+    ood: OodCheck | None = Field(description="null when the model has no reference")
 
 
 class ModelInfo(_Part):
@@ -164,6 +186,7 @@ class Analysis(_Json):
     domain_detection: DomainDetection
     model: ModelInfo
     input: InputInfo
+    quality: QualityInfo
     findings: list[FindingRow] = Field(
         description="the top-k findings by probability (in Python: all of them)"
     )

@@ -6,6 +6,7 @@
     evaluate.py   eval
     retrieval.py  index, search
     cache.py      cache info|prune (the one embedding cache)
+    ood.py        ood fit (the out-of-distribution gate's reference)
     service.py    serve, ui, demo, keys create|revoke|list, audit list|show|export|verify
     common.py     one-line errors with exit code 2, progress bar, logging, Settings
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import typer
 
-from medlens.cli import analyze, cache, evaluate, explain, report, retrieval, service, train
+from medlens.cli import analyze, cache, evaluate, explain, ood, report, retrieval, service, train
 
 app = typer.Typer(
     name="medlens",
@@ -33,7 +34,7 @@ app = typer.Typer(
 )
 
 # Help lists the commands in this order (groups with sub-commands after them).
-GROUPS = (analyze, explain, report, train, evaluate, retrieval, service, cache)
+GROUPS = (analyze, explain, report, train, evaluate, retrieval, service, cache, ood)
 for _group in GROUPS:
     _group.register(app)
 

@@ -118,6 +118,10 @@ class Domain(BaseModel):
     # Datasets (``medlens.datasets`` names) whose train/val splits the default model is
     # trained and calibrated on.
     training_datasets: tuple[str, ...] = ()
+    # More datasets of this domain the out-of-distribution reference is fitted on (their
+    # train/val splits; ``medlens ood fit``): sources the model should admit although it
+    # was not trained on them.
+    ood_datasets: tuple[str, ...] = ()
     # single_label: softmax over findings (a differential); multi_label: per-finding sigmoid
     task: Literal["single_label", "multi_label"]
     # Phrases that describe an image of this domain at all (used for domain auto-detection).

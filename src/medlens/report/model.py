@@ -200,8 +200,13 @@ def _reported(a: Analysis) -> list[ReportFinding]:
     ]
 
 
-def build_report(analysis: Analysis | dict[str, Any]) -> Report:
+def build_report(analysis: Analysis | dict[str, Any], *, study_uid: str | None = None) -> Report:
     """The report of one analysis (an ``Analysis`` or its ``to_dict()`` JSON).
+
+    ``study_uid``: the DICOM Study Instance UID to link the report to (FHIR
+    ``imagingStudy``). Analyses never carry it (UIDs are kept with the identifiers, not
+    the context), so a caller that holds the identifiers and files the report into the
+    site's record passes it explicitly.
 
     ConfigError for a failed analysis, another schema version or invalid JSON.
     """
@@ -240,7 +245,7 @@ def build_report(analysis: Analysis | dict[str, Any]) -> Report:
         source_format=ctx.source_format,
         width=ctx.width,
         height=ctx.height,
-        study_uid=ctx.study_uid,
+        study_uid=study_uid,
         model_name=a.model.name,
         model_fingerprint=a.model.fingerprint,
         calibration=a.model.calibration,
@@ -329,6 +334,8 @@ def _limitations(
             f"Warning: the image scored only {_pct(domain_score)} as {domain_name.lower()}; "
             "it may be out of scope for this model and the result may not apply."
         )
+    for w in a.quality.warnings:  # low quality, or no out-of-distribution check
+        out.append(f"Warning: {w[:1].upper()}{w[1:]}.")
     if a.context_note:
         out.append(f"Context: {a.context_note}.")
     return out
