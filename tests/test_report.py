@@ -221,7 +221,13 @@ def test_broken_bundles_fail_the_check(cases: dict) -> None:
     _resources(bad_system, "Observation")[0]["code"]["coding"][0]["system"] = "http://snomed.org"
     problems = check_bundle(bad_system)
     assert any("unknown code system 'http://snomed.org'" in p for p in problems)
-    assert any("needs a SNOMED CT coding" in p for p in problems)
+    no_code = copy.deepcopy(good)
+    _resources(no_code, "Observation")[0]["code"]["coding"][0]["code"] = ""
+    assert any("a coding without a code" in p for p in check_bundle(no_code))
+    no_icd = copy.deepcopy(good)
+    obs = _resources(no_icd, "Observation")[0]
+    obs["code"]["coding"] = [c for c in obs["code"]["coding"] if c["system"] != ICD10CM]
+    assert any("needs an ICD-10-CM coding" in p for p in check_bundle(no_icd))
 
     assert not icd10cm_exists("J93.7")
     bad_icd = copy.deepcopy(good)

@@ -175,6 +175,17 @@ class MedLens:
             embedding=emb,
         )
 
+    def warm(self) -> None:
+        """Load the encoder, its model card and out-of-distribution reference, and every
+        domain's prompt embeddings, so the first analysis is fast (the service calls this
+        before it says ready). No analysis: a synthetic image would rightly abstain."""
+        y, x = np.mgrid[0:224, 0:224]
+        pixels = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
+        emb, _ = self._encode(pixels)
+        domain_mod.domain_scores(emb, self.encoder, self.cache_dir)
+        for d in domains():
+            self._score(load_domain(d), emb, None)
+
     def admit(
         self, decoded: DecodedImage, domain: str = "auto", timings: dict | None = None
     ) -> Admission:

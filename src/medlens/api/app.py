@@ -20,7 +20,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -99,14 +98,8 @@ class Service:
         """Load the model, warm every domain's prompt cache, connect the case library."""
         t0 = time.perf_counter()
         try:
-            from medlens.io import DecodedImage, StudyContext
-
             enc = self.lens.encoder
-            y, x = np.mgrid[0:224, 0:224]
-            pixels = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
-            warm = DecodedImage(pixels, StudyContext("png", 224, 224), "warm-up")
-            for domain in domains():
-                self.lens.analyze(warm, domain=domain, top_k=1)
+            self.lens.warm()
             if not self.cases_given:
                 self.cases = load_case_search(self.settings, enc.fingerprint)
             if self.cases is not None and self.cases.fingerprint != enc.fingerprint:

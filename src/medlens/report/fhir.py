@@ -326,12 +326,14 @@ def check_bundle(bundle: Any) -> list[str]:
         if r.get("status") != "preliminary":
             problems.append(f"{url}: DiagnosticReport.status must be preliminary")
     for url, o in by_type.get("Observation", []):
-        systems = {c.get("system") for c in (o.get("code") or {}).get("coding") or []}
-        problems += [
-            f"{url}: Observation.code needs a {name} coding"
-            for system, name in ((SNOMED, "SNOMED CT"), (ICD10CM, "ICD-10-CM"))
-            if system not in systems
-        ]
+        codings = (o.get("code") or {}).get("coding") or []
+        systems = {c.get("system") for c in codings}
+        # ICD-10-CM always; SNOMED CT where the finding has a specific concept (a finding
+        # without one carries none rather than a generic code: issue 13 item 7).
+        if ICD10CM not in systems:
+            problems.append(f"{url}: Observation.code needs an ICD-10-CM coding")
+        if any(not c.get("code") for c in codings):
+            problems.append(f"{url}: Observation.code has a coding without a code")
         v = (o.get("valueQuantity") or {}).get("value")
         if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v <= 1:
             problems.append(f"{url}: Observation.valueQuantity.value must be a probability")

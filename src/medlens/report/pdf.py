@@ -130,7 +130,7 @@ def to_pdf(report: Report, image: DecodedImage | np.ndarray | None = None) -> by
     heading = FontFace(emphasis="BOLD", fill_color=(225, 225, 225))
     pdf.set_fill_color(255, 255, 255)
     with pdf.table(
-        col_widths=(6, 62, 24, 34, 24, 16, 16),
+        col_widths=(6, 50, 20, 32, 38, 16, 16),  # an 18-digit SNOMED CT id fits
         text_align=("RIGHT", "LEFT", "RIGHT", "LEFT", "LEFT", "LEFT", "LEFT"),
         headings_style=heading,
         line_height=4.6,
@@ -144,7 +144,7 @@ def to_pdf(report: Report, image: DecodedImage | np.ndarray | None = None) -> by
                     text(f.name),
                     f"{f.probability:.1%}",
                     ", ".join(f.icd10),
-                    f.snomed,
+                    f.snomed or "—",
                     f.risk,
                     "sets it" if f.sets_triage else "",
                 ]
