@@ -130,8 +130,31 @@ def for_error(exc: MedLensError) -> tuple[int, str]:
     return 400, "Request failed"  # pragma: no cover - MedLensError is last in the table
 
 
+def document_problems(app: FastAPI) -> None:
+    """Make ``/openapi.json`` say what errors really are: every 4xx/5xx response body
+    is ``application/problem+json`` (FastAPI documents a response model as
+    ``application/json``), so clients and contract tests see the media type served."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        for item in schema.get("paths", {}).values():
+            for op in item.values():
+                for code, resp in (op.get("responses") or {}).items():
+                    content = resp.get("content") or {}
+                    if code[:1] in "45" and "application/json" in content:
+                        resp["content"] = {PROBLEM_JSON: content["application/json"]}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install(app: FastAPI) -> None:
     """Register handlers so every error leaves the API as problem JSON."""
+    document_problems(app)
 
     @app.exception_handler(MedLensError)
     async def _medlens(request: Request, exc: MedLensError) -> JSONResponse:
