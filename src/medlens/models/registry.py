@@ -12,6 +12,8 @@ Accepted forms::
                                           <base>``: its recipe.json names the base
     <base spec>+lora:<run folder | file>  the same adapter on an explicitly named base
                                           (the base moved, e.g. to a local folder)
+    txv:<state-dict file>                 a torchxrayvision DenseNet121 chest X-ray
+                                          classifier (``load_classifier``, not an Encoder)
 
 Loads are slow (seconds to minutes), so encoders are cached per (spec, device) for the
 life of the process; encoders are frozen, so sharing one instance is safe.
@@ -22,12 +24,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from medlens.errors import ConfigError
 from medlens.models._util import looks_like_path
 from medlens.models.base import Encoder
+
+if TYPE_CHECKING:
+    from medlens.models.txv import TxvClassifier
 
 ACCEPTED_FORMS = (
     "lite",
@@ -39,12 +45,15 @@ ACCEPTED_FORMS = (
     "hf:<model id or local folder> (transformers CLIP, ALIGN or SigLIP)",
     "lora:<run folder or adapter.safetensors of `medlens train align --model hf:…|open_clip:…`>",
     "<base spec>+lora:<run folder or adapter.safetensors> (the adapter on that base)",
+    "txv:<torchxrayvision DenseNet121 state-dict file> (a chest X-ray classifier)",
 )
+# Schemes whose models are supervised classifiers (``load_classifier``), not Encoders.
+CLASSIFIER_SCHEMES = ("txv",)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A parsed model spec: ``scheme`` is lite, open_clip, hf or lora (``target`` the
+    """A parsed model spec: ``scheme`` is lite, open_clip, hf, txv or lora (``target`` the
     adapter, ``tag`` an explicit base spec or None: the run's recipe names it)."""
 
     scheme: str
@@ -73,7 +82,7 @@ def parse_model_spec(name: str) -> ModelSpec:
         return ModelSpec("lora", adapter.strip())
     scheme, sep, target = spec.partition(":")
     target = target.strip()
-    if not sep or scheme not in ("lite", "open_clip", "hf"):
+    if not sep or scheme not in ("lite", "open_clip", "hf", *CLASSIFIER_SCHEMES):
         raise _bad_spec(name, "unknown model scheme")
     if not target:
         raise _bad_spec(name, f"nothing after {scheme}:")
@@ -117,7 +126,38 @@ def load_encoder(name: str = "lite", *, device: str = "cpu") -> Encoder:
     provide a local copy) when the weights cannot be had.
     """
     spec = parse_model_spec(name)
+    if spec.scheme in CLASSIFIER_SCHEMES:
+        raise ConfigError(
+            f"model {name!r} is a supervised classifier (fixed outputs, no text tower), not "
+            "an image–text encoder: load it with load_classifier"
+        )
     return _load_cached(spec, name.strip(), _check_device(device))
+
+
+def is_classifier_spec(name: str) -> bool:
+    """Whether a model spec names a supervised classifier (``load_classifier``)."""
+    return parse_model_spec(name).scheme in CLASSIFIER_SCHEMES
+
+
+def load_classifier(name: str, *, device: str = "cpu") -> TxvClassifier:
+    """The classifier for a ``txv:<file>`` spec, loaded once per (spec, device).
+
+    Raises ConfigError for a spec that is not a classifier or a bad device,
+    ModelUnavailable when the file is missing, corrupt or not the expected layout.
+    """
+    spec = parse_model_spec(name)
+    if spec.scheme not in CLASSIFIER_SCHEMES:
+        raise ConfigError(
+            f"model {name!r} is an image–text encoder, not a classifier: load it with load_encoder"
+        )
+    return _load_classifier_cached(spec.target, name.strip(), _check_device(device))
+
+
+@lru_cache(maxsize=4)
+def _load_classifier_cached(target: str, name: str, device: str) -> TxvClassifier:
+    from medlens.models.txv import TxvClassifier
+
+    return TxvClassifier(target, device=device, name=name)
 
 
 @lru_cache(maxsize=8)
@@ -128,7 +168,7 @@ def _load_cached(spec: ModelSpec, name: str, device: str) -> Encoder:
 def _load(spec: ModelSpec, name: str, device: str) -> Encoder:
     """A new encoder instance for ``spec`` (uncached: LoRA adapts its base in place)."""
     if spec.scheme == "lora":
-        from medlens.training.lora import load_adapter
+        from medlens.models.lora import load_adapter
 
         def load_base(base: str) -> Encoder:
             base_spec = parse_model_spec(base)
@@ -153,5 +193,6 @@ def _load(spec: ModelSpec, name: str, device: str) -> Encoder:
 
 
 def clear_encoder_cache() -> None:
-    """Forget loaded encoders (tests; after installing new lite heads)."""
+    """Forget loaded encoders and classifiers (tests; after installing new lite heads)."""
     _load_cached.cache_clear()
+    _load_classifier_cached.cache_clear()
