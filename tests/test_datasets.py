@@ -68,6 +68,7 @@ def test_registry_and_errors() -> None:
         "ham10000",
         "pad_ufes_20",
         "dermnet",
+        "derm7pt",
         "covid_chestxray",
         "iu_xray",
         "nih_cxr14",
@@ -475,3 +476,103 @@ def test_ham10000_sample_copy_keeps_its_lesion_split(data_dir: Path) -> None:
     assert all(len(s) == 1 for s in by_lesion.values())
     assert not any(r.split == "train" and r.meta["dermamnist_split"] == "test" for r in m.records)
     assert detect_dataset(data_dir / "ham10000") == "ham10000"
+
+
+# --------------------------------------------------------------------------- Derm7pt
+
+# Cases per official split and per 5-group, as the data README states (Kawahara et al.).
+DERM7PT_CASES = {"train": 413, "val": 203, "test": 395}
+DERM7PT_GROUPS = {
+    "BCC": (19, 7, 16),
+    "NEV": (256, 100, 219),
+    "MEL": (90, 61, 101),
+    "MISC": (32, 25, 40),
+    "SK": (16, 10, 19),
+}
+
+
+def test_derm7pt_official_split_and_views(manifests: dict[str, Manifest]) -> None:
+    """One record per image, the official split (valid -> val), both views of a case in
+    one split; the 9 cases whose clinical photo is missing have a dermoscopic record only."""
+    m = manifests["derm7pt"]
+    assert m.vocab == "derm7pt" and m.domain == "dermatology"
+    derm = Counter(r.split for r in m if r.meta["view"] == "derm")
+    clinic = Counter(r.split for r in m if r.meta["view"] == "clinic")
+    assert derm == DERM7PT_CASES
+    assert sum(clinic.values()) == 1011 - 9 and len(m) == 2013  # the README's 2,013 files
+    assert all(clinic[s] <= n for s, n in DERM7PT_CASES.items())
+    _assert_grouped(m)
+    by_case: dict[str | None, list[str]] = defaultdict(list)
+    for r in m:
+        by_case[r.group].append(r.meta["view"])
+        assert r.id == f"{r.group}/{r.meta['view']}"
+    assert len(by_case) == 1011 and all("derm" in v for v in by_case.values())
+    paths = {(r.group, r.meta["view"]): r.path for r in m}
+    assert all(
+        paths[(g, "clinic")] != paths[(g, "derm")] for g, v in by_case.items() if len(v) == 2
+    )
+    for split, n in DERM7PT_CASES.items():
+        got = Counter(r.meta["group5"] for r in m if r.split == split and r.meta["view"] == "derm")
+        idx = list(DERM7PT_CASES).index(split)
+        assert got == {g: c[idx] for g, c in DERM7PT_GROUPS.items()}, split
+        assert sum(got.values()) == n
+
+
+def test_derm7pt_view_option_and_meta(data_dir: Path, manifests: dict[str, Manifest]) -> None:
+    root = data_dir / SAMPLE["derm7pt"]
+    derm = load_dataset("derm7pt", root, view="derm")
+    clinic = load_dataset("derm7pt", root, view="clinic")
+    assert len(derm) == 1011 and len(clinic) == 1002
+    assert {r.meta["view"] for r in derm} == {"derm"}
+    assert len({derm.version, clinic.version, manifests["derm7pt"].version}) == 3
+    assert load_dataset("derm7pt", root).version == manifests["derm7pt"].version
+    with pytest.raises(ConfigError, match="view"):
+        load_dataset("derm7pt", root, view="dermoscopy")
+    r = next(r for r in derm if r.group == "1")  # first row of meta.csv, verbatim
+    assert r.labels == ("basal cell carcinoma",) and r.meta["group5"] == "BCC"
+    assert r.meta["vascular_structures"] == "arborizing" and r.meta["seven_point_score"] == "0"
+    criteria = (
+        "pigment_network",
+        "streaks",
+        "pigmentation",
+        "regression_structures",
+        "dots_and_globules",
+        "blue_whitish_veil",
+        "vascular_structures",
+    )
+    assert all(r.meta[c] for r in derm for c in criteria)
+    assert Path(load_path(root / "meta" / "meta.csv").root) == root
+    assert detect_dataset(root / "meta" / "meta.csv") == "derm7pt"
+
+
+def test_derm7pt_every_image_loads(manifests: dict[str, Manifest]) -> None:
+    m = manifests["derm7pt"]
+    for r in m:
+        px = m.image(r)
+        assert px.dtype == np.uint8 and px.ndim == 3 and px.shape[2] == 3, r.id
+        assert max(px.shape[:2]) == 224, r.id  # the sample copy's longer side
+
+
+def test_derm7pt_labels_map_to_findings(manifests: dict[str, Manifest]) -> None:
+    """Every labelled record reaches a finding; the unlabelled ones are exactly the
+    diagnoses without a finding (melanosis, miscellaneous), still in group MISC; the
+    5 groups agree with the findings they contain."""
+    m = manifests["derm7pt"]
+    pack = load_domain("dermatology")
+    group_findings: dict[str, set[str]] = defaultdict(set)
+    for r in (r for r in m if r.meta["view"] == "derm"):
+        found = pack.findings_for(m.vocab, r.labels)
+        if not r.labels:
+            assert r.meta["diagnosis"] in ("melanosis", "miscellaneous")
+            assert r.meta["group5"] == "MISC" and found == []
+            continue
+        assert len(found) == 1, r.id
+        group_findings[r.meta["group5"]].update(found)
+    assert group_findings == {
+        "BCC": {"basal_cell_carcinoma"},
+        "NEV": {"melanocytic_nevus"},
+        "MEL": {"melanoma"},
+        "MISC": {"dermatofibroma", "seborrheic_keratosis", "vascular_lesion"},
+        "SK": {"seborrheic_keratosis"},
+    }
+    assert sum(not r.labels for r in m if r.meta["view"] == "derm") == 16 + 8

@@ -613,3 +613,134 @@ def test_heads_for_other_towers_are_refused(tmp_path: Path) -> None:
     save_file(load_file(str(path)), str(path), metadata=meta)
     with pytest.raises(ModelUnavailable, match="reinstall"):
         LiteEncoder.load(path)
+
+
+# -- txv: torchxrayvision-format DenseNet121 ----------------------------------------------
+# Published op_threshs of torchxrayvision's "densenet121-res224-all" weights (its
+# model_urls): real operating points, on randomly initialised weights here.
+TXV_OP_THRESHS = [0.07422872, 0.038290843, 0.09814756, 0.0098118475, 0.023601074,
+                  0.0022490358, 0.010060724, 0.103246614, 0.056810737, 0.026791653,
+                  0.050318155, 0.023985857, 0.01939503, 0.042889766, 0.053369623,
+                  0.035975814, 0.20204692, 0.05015312]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def txv_state() -> dict[str, torch.Tensor]:
+    from medlens.models.txv import build_densenet121
+
+    torch.manual_seed(0)
+    return build_densenet121().state_dict()
+
+
+def test_txv_classifier_end_to_end(
+    tmp_path: Path, txv_state: dict[str, torch.Tensor], cxr: list
+) -> None:
+    """A random DenseNet121 in the published layout, written by the test, loaded by the
+    ``txv:`` spec: 18 sigmoid outputs, mapped to chest findings, op_threshs as the card's
+    per-finding thresholds (never as probabilities)."""
+    from medlens.knowledge import load_domain
+    from medlens.models.registry import is_classifier_spec, load_classifier
+    from medlens.models.txv import DEFAULT_PATHOLOGIES, Classifier, build_densenet121, preprocess
+
+    path = tmp_path / "txv-all.pt"
+    torch.save({"state_dict": txv_state, "op_threshs": torch.tensor(TXV_OP_THRESHS)}, path)
+    clear_encoder_cache()
+    clf = load_classifier(f"txv:{path}")
+    assert isinstance(clf, Classifier) and not isinstance(clf, Encoder)
+    assert is_classifier_spec(f"txv:{path}") and not is_classifier_spec("lite")
+    assert load_classifier(f"txv:{path}") is clf  # cached per spec
+    probs = clf.predict(cxr)
+    assert probs.shape == (len(cxr), 18) and probs.dtype == np.float32
+    # random weights on [-1024, 1024] inputs saturate: probabilities, maybe 0 or 1
+    assert np.all(np.isfinite(probs) & (probs >= 0) & (probs <= 1))
+    ref = build_densenet121()
+    ref.load_state_dict(txv_state)
+    with torch.no_grad():
+        expected = torch.sigmoid(ref.eval()(preprocess(cxr))).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    # Outputs -> findings through the pack's txv vocabulary; a shared finding is scored
+    # by the output the pack lists first.
+    assert clf.pathologies == DEFAULT_PATHOLOGIES
+    pack = load_domain("chest_xray")
+    assert set(clf.findings) <= set(pack.finding_ids) and len(clf.findings) == 15
+    col = {p: i for i, p in enumerate(DEFAULT_PATHOLOGIES)}
+    assert clf.findings["cardiomegaly"] == col["Cardiomegaly"]
+    assert clf.findings["infiltration"] == col["Infiltration"]
+    assert clf.findings["mass"] == col["Mass"]
+    assert clf.findings["pleural_effusion"] == col["Effusion"]
+    per_image = clf.finding_probabilities(cxr[:1])[0]
+    assert per_image["pleural_effusion"] == pytest.approx(float(probs[0, col["Effusion"]]))
+    # op_threshs are operating points for the card, not rescaled probabilities.
+    assert clf.operating_points["pleural_effusion"] == pytest.approx(TXV_OP_THRESHS[7])
+    assert clf.calibration.thresholds_for("chest_xray") == clf.operating_points
+    assert clf.calibration.temperature == {} and clf.calibration.bias == {}
+
+
+def test_txv_weight_file_variants(tmp_path: Path, txv_state: dict[str, torch.Tensor]) -> None:
+    """A bare state dict (no op_threshs), named outputs with untrained ones ("" / NaN),
+    and the fingerprint follows the weights and the operating points."""
+    from medlens.models.txv import DEFAULT_PATHOLOGIES, TxvClassifier
+
+    bare = tmp_path / "bare.pt"
+    torch.save(txv_state, bare)
+    plain = TxvClassifier(bare)
+    assert plain.op_threshs is None and plain.operating_points == {}
+    assert not plain.calibration and len(plain.findings) == 15
+    names = ["" if p in ("Hernia", "Fracture") else p for p in DEFAULT_PATHOLOGIES]
+    ops = [float("nan") if p == "Lung Opacity" else t
+           for p, t in zip(DEFAULT_PATHOLOGIES, TXV_OP_THRESHS, strict=True)]  # fmt: skip
+    named = tmp_path / "named.pt"
+    torch.save({"state_dict": txv_state, "op_threshs": ops, "pathologies": names}, named)
+    clf = TxvClassifier(named)
+    assert "hernia" not in clf.findings and "fracture" not in clf.findings
+    assert clf.findings["infiltration"] == DEFAULT_PATHOLOGIES.index("Infiltration")
+    assert all(np.isfinite(v) for v in clf.operating_points.values())
+    assert len({plain.fingerprint, clf.fingerprint}) == 2
+
+
+def test_txv_bad_files_are_model_unavailable(
+    tmp_path: Path, txv_state: dict[str, torch.Tensor]
+) -> None:
+    from medlens.models.registry import load_classifier
+
+    clear_encoder_cache()
+    corrupt = tmp_path / "corrupt.pt"
+    torch.save({"state_dict": txv_state}, corrupt)
+    corrupt.write_bytes(corrupt.read_bytes()[: 1 << 16])  # truncated download
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all" * 100)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({k: v for k, v in txv_state.items() if "denseblock4" not in k}, wrong)
+    three = tmp_path / "three.pt"
+    torch.save({"state_dict": txv_state, "pathologies": ["a", "b", "c"]}, three)
+    for path, why in (
+        (corrupt, "cannot read"),
+        (garbage, "cannot read"),
+        (wrong, "does not fit DenseNet121"),
+        (three, "18 outputs but 3 pathology names"),
+        (tmp_path / "absent.pt", "no weight file"),
+    ):
+        with pytest.raises(ModelUnavailable, match=why):
+            load_classifier(f"txv:{path}")
+    with pytest.raises(ConfigError, match="load_classifier"):
+        load_encoder(f"txv:{corrupt}")
+    with pytest.raises(ConfigError, match="load_encoder"):
+        load_classifier("lite")
+    with pytest.raises(ConfigError, match="nothing after txv:"):
+        parse_model_spec("txv:")
+
+
+def test_txv_preprocess_matches_torchxrayvision_input() -> None:
+    """Grey = channel mean, centre square crop, 224 px, 8-bit scaled to [-1024, 1024]
+    (``xrv.datasets.normalize(img, 255)``)."""
+    from medlens.models.txv import preprocess
+
+    wide = np.zeros((100, 300, 3), np.uint8)
+    wide[:, 100:200] = (255, 255, 255)  # the centre square only: crop keeps all of it
+    rgb = np.full((50, 50, 3), (30, 60, 90), np.uint8)
+    x = preprocess([wide, rgb]).numpy()
+    assert x.shape == (2, 1, 224, 224) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0], 1024.0, atol=1e-3)
+    np.testing.assert_allclose(x[1], 60 / 255 * 2048 - 1024, atol=1e-3)
+    with pytest.raises(InputError):
+        preprocess([np.zeros((8, 8), np.uint8)])

@@ -9,7 +9,7 @@ Loaders read index files and list folders only (no image decoding), so they are 
 Each manifest's ``version`` hashes its index files plus the resolved loader options;
 seeds, split fractions, class orders and sample folder names live in ``datasets.yaml``.
 Grouped splits (PAD-UFES-20 by patient, COVID by patient, DermNet by image content,
-HAM10000 by lesion, NIH by patient) never put one group in two splits.
+HAM10000 by lesion, NIH by patient, Derm7pt's two views by case) never put one group in two splits.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from medlens.datasets.chest_xray import (
     load_iu_xray,
     load_nih_cxr14,
 )
+from medlens.datasets.derm7pt import load_derm7pt
 from medlens.datasets.dermatology import (
     load_dermnet,
     load_ham10000,
@@ -61,6 +62,7 @@ DATASETS: dict[str, Loader] = {
     "ham10000": load_ham10000,
     "pad_ufes_20": load_pad_ufes_20,
     "dermnet": load_dermnet,
+    "derm7pt": load_derm7pt,
     "covid_chestxray": load_covid_chestxray,
     "iu_xray": load_iu_xray,
     "nih_cxr14": load_nih_cxr14,
