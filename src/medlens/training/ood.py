@@ -2,9 +2,9 @@
 
 For each domain and each of its reference datasets (the pack's ``training_datasets``,
 plus ``ood_datasets``): a seeded sample of the *training* split, plus jittered copies
-of some of it (flips, quarter turns, contrast stretch, gamma, brightness: the
-acquisition variation an in-domain image may show, e.g. a contrast-stretched copy of a
-dermoscopy set), gives
+of some of it (flips, quarter turns, contrast stretch, gamma, brightness, saturation
+and colour cast: the acquisition variation an in-domain image may show, e.g. a
+contrast- and saturation-stretched copy of a dermoscopy set), gives
 
 - a Gaussian of the joint embeddings (mean, Ledoit-Wolf precision);
 - for encoders with image-tower features (lite), a bank of L2-normalised features for
@@ -76,6 +76,10 @@ def jitter(pixels: np.ndarray, seed: int) -> np.ndarray:
         x = (x - lo) / max(float(hi - lo), 1.0) * 255
     x = 255 * (np.clip(x, 0, 255) / 255) ** rng.uniform(0.7, 1.4)
     x = x * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20)
+    if x.ndim == 3 and rng.random() < 0.7:  # colour: saturation and a per-channel cast
+        grey = x.mean(axis=-1, keepdims=True)
+        x = grey + (x - grey) * rng.uniform(0.6, 1.8)
+        x = x * rng.uniform(0.85, 1.15, size=3)
     return np.ascontiguousarray(np.clip(x, 0, 255).astype(np.uint8))
 
 
@@ -94,7 +98,7 @@ def _vectors(
     if feature_encoder:
         import torch
 
-        space = Space(str(encoder.features_key), "features", "ood-jitter1", prep_version(encoder))
+        space = Space(str(encoder.features_key), "features", "ood-jitter2", prep_version(encoder))
         feats = fill(
             list(zip(recs, seeds, strict=True)),
             keys,
@@ -106,7 +110,7 @@ def _vectors(
         with torch.inference_mode():
             emb, _ = encoder.embed_from_features(img_feats=torch.from_numpy(feats))
         return emb.float().cpu().numpy(), feats
-    space = Space(encoder.fingerprint, "image", "ood-jitter1", prep_version(encoder))
+    space = Space(encoder.fingerprint, "image", "ood-jitter2", prep_version(encoder))
     emb = fill(
         list(zip(recs, seeds, strict=True)),
         keys,
