@@ -143,6 +143,23 @@ def test_health_ready_info(client: TestClient, lens: MedLens) -> None:
     assert "/v1/analyze" in client.get("/openapi.json").json()["paths"]
 
 
+def test_an_abstention_is_a_422_problem_and_is_audited(
+    client: TestClient, api_settings: Settings
+) -> None:
+    from medlens.evaluation.ood_sets import build
+
+    cat = dict(build("natural_photos"))["chelsea.png"]
+    buf = io.BytesIO()
+    Image.fromarray(cat).save(buf, format="PNG")
+    r = client.post("/v1/analyze", files={"image": ("cat.png", buf.getvalue())})
+    body = _is_problem(r, 422, "out-of-domain")
+    assert "abstains" in body["detail"]
+    rec = AuditLog.from_settings(api_settings).get(r.headers["X-Request-ID"])
+    assert rec is not None and rec.triage_level == "abstained" and rec.domain == "none"
+    assert rec.output["outcome"] == "abstained" and rec.output["findings"] == []
+    assert AuditLog.from_settings(api_settings).verify().ok
+
+
 def test_analyze_matches_the_library_and_is_audited(
     client: TestClient, lens: MedLens, api_settings: Settings, data_dir: Path
 ) -> None:

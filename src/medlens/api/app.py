@@ -35,7 +35,7 @@ from medlens.api.pool import JobTimeout, Overloaded, WorkerPool
 from medlens.api.problems import Problem
 from medlens.audit import AuditLog
 from medlens.config import Settings, get_settings
-from medlens.errors import ConfigError, EmptyInput, MedLensError
+from medlens.errors import ConfigError, EmptyInput, MedLensError, OutOfDomain
 from medlens.knowledge import domains, load_domain, use_pack_dirs
 
 log = logging.getLogger("medlens.api")
@@ -245,11 +245,35 @@ def _analyze_job(
     """Runs in a pool thread: decode → analyze → audit. Returns the analysis JSON."""
     lens = svc.lens
     decoded = lens.decode(raw, form.image.filename)
-    result = lens.analyze(
-        decoded, symptoms=form.symptoms, domain=form.domain, top_k=form.top_k
-    ).to_dict()
+    try:
+        result = lens.analyze(
+            decoded, symptoms=form.symptoms, domain=form.domain, top_k=form.top_k
+        ).to_dict()
+    except OutOfDomain as exc:  # an abstention is a decision too: it is audited
+        audit(
+            svc, abstention(lens, decoded, exc), decoded, raw, key_id=key_id, request_id=request_id
+        )
+        raise
     audit(svc, result, decoded, raw, key_id=key_id, request_id=request_id)
     return result
+
+
+def abstention(lens: Any, decoded: Any, exc: OutOfDomain) -> dict[str, Any]:
+    """The audit record of an abstention: what was sent (hash, context), which model
+    declined and why; no domain, no findings, triage level ``abstained``."""
+    return {
+        "outcome": "abstained",
+        "reason": str(exc),
+        "domain": "none",
+        "model": {
+            "name": lens.model_name,
+            "fingerprint": lens.encoder.fingerprint,
+            "calibration": lens.card.calibration.id,
+        },
+        "input": {"content_hash": decoded.content_hash, "context": decoded.context.to_dict()},
+        "findings": [],
+        "triage": {"level": "abstained", "reason": str(exc)},
+    }
 
 
 def audit(
@@ -262,7 +286,9 @@ def audit(
         output,
         request_id=request_id,
         api_key_id=key_id,
-        knowledge_version=load_domain(output["domain"]).source_hash,
+        knowledge_version=(
+            load_domain(output["domain"]).source_hash if output["domain"] in domains() else "-"
+        ),
         case_library_version=svc.cases.version if svc.cases is not None else None,
         input_bytes=raw if s.audit_store_inputs else None,
         identifiers=dict(decoded.identifiers.values) if s.audit_store_identifiers else None,
