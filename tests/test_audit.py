@@ -467,7 +467,7 @@ def test_analysis_symptom_hash_is_the_keyed_one(lens: MedLens, data_dir: Path) -
 
     said = "itchy and growing"
     got = lens.analyze(data_dir / ISIC, symptoms=said, domain="dermatology").to_dict()
-    assert got["symptoms"]["sha256"] == text_hash(said)
+    assert got["symptoms"]["sha256"] == text_hash(said, lens.settings)
     assert got["symptoms"]["sha256"] != hashlib.sha256(said.encode()).hexdigest()
 
 

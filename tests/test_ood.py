@@ -241,3 +241,23 @@ def test_bad_input_table_has_no_traceback_and_corrupt_state_never_triages(
                   "out-of-distribution reference with one flipped bit"):  # fmt: skip
         line = next(x for x in rows.splitlines() if x.startswith(f"| {label}"))
         assert "`ModelUnavailable`" in line, line
+
+
+def test_a_dicom_header_outweighs_an_atypical_embedding() -> None:
+    """A radiograph whose header says CR chest is scored even when it is unlike the
+    training images, with a low-quality warning; without the header it abstains."""
+    ref = _reference("abc")
+    far = np.full((1, 4), 50.0)
+    gate = ood.Gate()
+    assert ood.choose_domain(ref, far, ["dermatology"], gate, header=True) == "dermatology"
+    assert gate.status == "low_quality" and "DICOM header says" in gate.warnings[0]
+    assert gate.ood is not None and gate.ood["score"] > 1
+    with pytest.raises(OutOfDomain):
+        ood.choose_domain(ref, far, ["dermatology"], ood.Gate())
+
+
+def test_a_real_chest_dicom_is_scored(lens: MedLens, data_dir: Path) -> None:
+    a = lens.analyze(data_dir / "cxr-samples" / "Fake_MONOHR1.dcm")
+    assert a.domain == "chest_xray" and a.domain_source == "dicom" and a.quality.ood is not None
+    admitted = a.quality.ood.score <= 1
+    assert admitted or any("DICOM header says" in w for w in a.quality.warnings)

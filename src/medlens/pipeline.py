@@ -207,7 +207,9 @@ class MedLens:
         t2 = time.perf_counter()
         scores = domain_mod.domain_scores(emb, self.encoder, self.cache_dir)[0]
         candidates, source = domain_mod.candidates(scores, domain, ctx)
-        chosen = ood.choose_domain(self.card.ood, emb, candidates, gate, feats)
+        chosen = ood.choose_domain(
+            self.card.ood, emb, candidates, gate, feats, header=source == "dicom"
+        )
         timings["gate"] = (time.perf_counter() - t2) * 1000
         return Admission(
             domain=chosen,

@@ -103,16 +103,24 @@ def choose_domain(
     candidates: list[str],
     gate: Gate,
     feats: np.ndarray | None = None,
+    *,
+    header: bool = False,
 ) -> str:
     """The first of ``candidates`` (most likely first) whose reference admits the image
     (its embedding ``emb`` and, for encoders with them, image-tower ``feats``);
     ``OutOfDomain`` when none does. Without a reference: the first candidate, with the
     ``NO_REFERENCE`` warning. A domain the reference does not cover (a pack added after
-    it was fitted) is taken unchecked, with a warning, only as the first candidate."""
+    it was fitted) is taken unchecked, with a warning, only as the first candidate.
+
+    ``header``: the domain comes from a DICOM header that names it (a CR/DX chest, a
+    dermoscopy object). The header is better evidence of what the image is than an
+    embedding distance, so an atypical image is scored with a ``low quality`` warning
+    instead of abstaining (a real radiograph with unusual exposure, or from a detector
+    unlike the training sets', must not be refused for being unusual)."""
     if reference is None:
         gate.warnings.append(NO_REFERENCE)
         return candidates[0]
-    closest: tuple[float, str] | None = None
+    closest: tuple[float, str, str] | None = None
     for i, d in enumerate(candidates):
         ref = reference.domains.get(d)
         if ref is None:
@@ -134,10 +142,23 @@ def choose_domain(
             }
             return d
         if closest is None or score < closest[0]:
-            closest = (score, d)
+            closest = (score, d, nearest[0])
     if closest is None:
         raise OutOfDomain("no domain could check this image: MedLens abstains (medlens ood fit)")
-    score, d = closest
+    score, d, near = closest
+    if header:
+        gate.ood = {
+            "domain": d,
+            "score": round(score, 3),
+            "nearest_source": near,
+            "reference": reference.id,
+        }
+        gate.warnings.append(
+            f"low quality: the image is unlike the {d.replace('_', ' ')} images the model was "
+            f"built on (out-of-distribution score {score:.2f} > 1); its DICOM header says "
+            "what it is, so it is scored, but the result may not apply"
+        )
+        return d
     others = [x for x in candidates if x != d]
     raise OutOfDomain(
         f"the image does not resemble the {d.replace('_', ' ')} images the model was built "
