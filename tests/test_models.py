@@ -744,3 +744,47 @@ def test_txv_preprocess_matches_torchxrayvision_input() -> None:
     np.testing.assert_allclose(x[1], 60 / 255 * 2048 - 1024, atol=1e-3)
     with pytest.raises(InputError):
         preprocess([np.zeros((8, 8), np.uint8)])
+
+
+def test_a_configured_classifier_scores_its_findings_in_analyze(
+    tmp_path: Path, txv_state: dict[str, torch.Tensor], data_dir: Path
+) -> None:
+    """``MedLens(classifiers=["txv:…"])``: on a chest X-ray the findings the classifier
+    covers carry its probabilities (source "classifier"), triage uses its operating
+    points, the rest stay zero-shot and the no-finding cap still holds; a skin image is
+    untouched."""
+    from medlens import MedLens
+    from medlens.analysis.triage import triage
+    from medlens.knowledge import load_domain
+
+    path = tmp_path / "txv.pt"
+    torch.save({"state_dict": txv_state, "op_threshs": torch.tensor(TXV_OP_THRESHS)}, path)
+    spec = f"txv:{path}"
+    lens = MedLens(retrieval=False, classifiers=[spec])
+    plain = MedLens(retrieval=False, classifiers=[])
+    cxr = data_dir / "cxr-samples" / "00000001_000.png"
+    a, b = lens.analyze(cxr), plain.analyze(cxr)
+    clf = lens.classifiers["chest_xray"]
+    want = clf.finding_probabilities([lens.decode(cxr).pixels])[0]
+    rows = {f["id"]: f for f in a.findings}
+    assert a.model.classifier == f"{clf.name}@{clf.fingerprint}" and b.model.classifier is None
+    for fid, p in want.items():
+        if fid != "no_finding":
+            assert rows[fid]["source"] == "classifier"
+            assert rows[fid]["probability"] == pytest.approx(p, abs=1e-4)
+    others = [f for f in a.findings if f["id"] not in want]
+    assert others and all(f["source"] == "zero-shot" for f in others)
+    plain_rows = {f["id"]: f for f in b.findings}
+    assert all(plain_rows[f["id"]]["probability"] == f["probability"] for f in others
+               if f["id"] != "no_finding")  # fmt: skip
+    abnormal = max(f["probability"] for f in a.findings if f["id"] != "no_finding")
+    assert rows["no_finding"]["probability"] <= 1 - abnormal + 1e-4
+    pack = load_domain("chest_xray")
+    expected = triage(
+        pack,
+        {f["id"]: f["probability"] for f in a.findings},
+        {**lens.card.calibration.thresholds_for("chest_xray"), **clf.operating_points},
+    )
+    assert a.triage.level == expected.level
+    skin = lens.analyze(data_dir / "isic2018-task3-test" / "images" / "ISIC_0034524.jpg")
+    assert all(f["source"] == "zero-shot" for f in skin.findings)

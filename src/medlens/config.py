@@ -71,6 +71,13 @@ class Settings:
     qdrant_shards: int = field(default_factory=lambda: _env_int("MEDLENS_QDRANT_SHARDS", 2))
     qdrant_replicas: int = field(default_factory=lambda: _env_int("MEDLENS_QDRANT_REPLICAS", 1))
     library: str = field(default_factory=lambda: os.environ.get("MEDLENS_LIBRARY", "default"))
+    # Supervised classifiers (e.g. ``txv:/path/densenet121.pt``), comma-separated: their
+    # probabilities replace the zero-shot ones for the findings they cover in their domain.
+    classifiers: tuple[str, ...] = field(
+        default_factory=lambda: tuple(
+            c.strip() for c in os.environ.get("MEDLENS_CLASSIFIERS", "").split(",") if c.strip()
+        )
+    )
     # Extra knowledge-pack folders (``*.yaml``, one domain each), os.pathsep-separated.
     knowledge_dirs: tuple[Path, ...] = field(
         default_factory=lambda: tuple(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ class MedLens:
         settings: Settings | None = None,
         symptom_weight: float = scoring.SYMPTOM_WEIGHT,
         retrieval: bool = True,
+        classifiers: Sequence[str] | None = None,
     ):
         self.settings = settings or get_settings()
         use_pack_dirs(self.settings.knowledge_dirs)
@@ -72,6 +74,10 @@ class MedLens:
         self.retrieval = retrieval
         self._encoder = None
         self._card: ModelCard | None = None
+        self.classifier_specs = tuple(
+            self.settings.classifiers if classifiers is None else classifiers
+        )
+        self._classifiers: dict[str, Any] | None = None
 
     @property
     def encoder(self):
@@ -80,6 +86,22 @@ class MedLens:
 
             self._encoder = load_encoder(self.model_name, device=self.device)
         return self._encoder
+
+    @property
+    def classifiers(self) -> dict[str, Any]:
+        """Supervised classifiers by domain (``classifiers=`` / MEDLENS_CLASSIFIERS),
+        loaded on first use; at most one per domain."""
+        if self._classifiers is None:
+            from medlens.models import load_classifier
+
+            out: dict[str, Any] = {}
+            for spec in self.classifier_specs:
+                clf = load_classifier(spec, device=self.device)
+                if clf.domain in out:
+                    raise ConfigError(f"two classifiers for domain {clf.domain}: keep one")
+                out[clf.domain] = clf
+            self._classifiers = out
+        return self._classifiers
 
     @property
     def cache_dir(self) -> Path:
@@ -134,7 +156,16 @@ class MedLens:
         pack = load_domain(chosen)
         score_emb = self._scoring_embedding(pack, decoded.pixels, emb, timings)
         probs, sym = self._score(pack, score_emb, symptoms)
-        tri = triage(pack, probs, self.card.calibration.thresholds_for(pack.id))
+        thresholds = self.card.calibration.thresholds_for(pack.id)
+        supervised: set[str] = set()
+        if (clf := self.classifiers.get(pack.id)) is not None:
+            t = time.perf_counter()
+            by_clf = clf.finding_probabilities([decoded.pixels])[0]
+            probs = scoring.with_supervised(pack, probs, by_clf)
+            thresholds = {**thresholds, **clf.operating_points}  # its operating points
+            supervised = set(by_clf)
+            timings["classifier"] = (time.perf_counter() - t) * 1000
+        tri = triage(pack, probs, thresholds)
         timings["score"] = (time.perf_counter() - t2) * 1000
         ranked = sorted(probs, key=probs.get, reverse=True)
 
@@ -143,7 +174,7 @@ class MedLens:
         timings["retrieval"] = (time.perf_counter() - t3) * 1000
         timings["total"] = (time.perf_counter() - t0) * 1000
 
-        findings = [self._finding_row(pack, fid, probs[fid]) for fid in ranked]
+        findings = [self._finding_row(pack, fid, probs[fid], fid in supervised) for fid in ranked]
         descriptions = [self._description(pack, fid) for fid in ranked[: min(3, top_k)]]
         log.info(
             "analyzed input=%s domain=%s top=%s triage=%s in %.0f ms",
@@ -160,6 +191,7 @@ class MedLens:
                 "name": self.model_name,
                 "fingerprint": self.encoder.fingerprint,
                 "calibration": self.card.calibration.id,
+                "classifier": f"{clf.name}@{clf.fingerprint}" if clf is not None else None,
             },
             findings=findings,
             triage=tri,
@@ -306,9 +338,12 @@ class MedLens:
         return s.as_dict(pack), sym_info
 
     @staticmethod
-    def _finding_row(pack: KnowledgePack, fid: str, p: float) -> dict[str, Any]:
+    def _finding_row(
+        pack: KnowledgePack, fid: str, p: float, supervised: bool = False
+    ) -> dict[str, Any]:
         f = pack.finding(fid)
         return {
+            "source": "classifier" if supervised else "zero-shot",
             "id": f.id,
             "name": f.name,
             "probability": round(p, 4),

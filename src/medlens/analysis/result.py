@@ -102,6 +102,11 @@ class ModelInfo(_Part):
     name: str
     fingerprint: str
     calibration: str | None
+    classifier: str | None = Field(
+        default=None,
+        description="the supervised classifier (name@fingerprint) whose probabilities "
+        "replace the zero-shot ones for the findings it covers; null when none",
+    )
 
 
 class InputInfo(_Part):
@@ -114,6 +119,7 @@ class InputInfo(_Part):
 class FindingRow(_Part):
     """One finding of the differential."""
 
+    source: Literal["zero-shot", "classifier"] = "zero-shot"
     id: str
     name: str
     probability: float

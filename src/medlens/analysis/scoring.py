@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from medlens.analysis import zeroshot
-from medlens.errors import ModelUnavailable
+from medlens.errors import ConfigError, ModelUnavailable
 from medlens.knowledge import KnowledgePack
 from medlens.models.base import Encoder
 from medlens.models.card import Calibration
@@ -175,3 +175,26 @@ def score(
             "`medlens cache prune --all`"
         )
     return Scores(z, p, sym_p)
+
+
+def with_supervised(
+    pack: KnowledgePack, probabilities: dict[str, float], supervised: dict[str, float]
+) -> dict[str, float]:
+    """Zero-shot probabilities with the findings a supervised classifier covers replaced
+    by its probabilities, then made ``consistent`` again (the no-finding cap). Only for
+    multi-label domains: a classifier's independent sigmoids cannot join a differential
+    whose probabilities sum to one."""
+    if pack.task != "multi_label":
+        raise ConfigError(
+            f"a supervised classifier can only score a multi-label domain; {pack.id} is {pack.task}"
+        )
+    unknown = sorted(set(supervised) - set(pack.finding_ids))
+    if unknown:
+        raise ConfigError(f"the classifier scores findings the {pack.id} pack lacks: {unknown}")
+    row = np.array(
+        [[supervised.get(f, probabilities[f]) for f in pack.finding_ids]], dtype=np.float64
+    )
+    if not np.isfinite(row).all():
+        raise ModelUnavailable("the classifier returned non-finite probabilities")
+    row = consistent(row, pack.exclusions)[0]
+    return {f: float(v) for f, v in zip(pack.finding_ids, row, strict=True)}

@@ -1,7 +1,8 @@
 """Image–text encoders behind one protocol (``Encoder``), resolved from a spec string.
 
 ``load_encoder("lite")`` is the packaged offline model; ``open_clip:...`` and ``hf:...``
-bring OpenCLIP and transformers checkpoints (see ``registry`` for the accepted forms).
+bring OpenCLIP and transformers checkpoints (see ``registry`` for the accepted forms);
+``load_classifier("txv:<file>")`` a supervised chest X-ray classifier (``models.txv``).
 Heavy libraries (torchvision, transformers, open_clip) are imported only when a family
 is loaded.
 """
@@ -11,6 +12,8 @@ from medlens.models.registry import (
     ACCEPTED_FORMS,
     ModelSpec,
     clear_encoder_cache,
+    is_classifier_spec,
+    load_classifier,
     load_encoder,
     parse_model_spec,
 )
@@ -20,7 +23,9 @@ __all__ = [
     "Encoder",
     "ModelSpec",
     "clear_encoder_cache",
+    "is_classifier_spec",
     "l2_normalize",
+    "load_classifier",
     "load_encoder",
     "parse_model_spec",
     "state_fingerprint",
