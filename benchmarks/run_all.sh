@@ -44,6 +44,7 @@ if [[ $SMOKE == 1 ]]; then
   bench vector_search.py --sizes 1000 --queries 20 --out "$BENCH/vector_search.json"
   bench api_load.py --clients 2 --requests 8 --bare 4 --model "$MODEL" --out "$BENCH/api_load.json"
   bench ingest.py --limit 16 --model "$MODEL" --out "$BENCH/ingest.json"
+  bench ood_gate.py --model "$MODEL" --per-set 20 --forced 10 --json "$BENCH/ood_gate.json"
   run "$MEDLENS" eval all --model "$MODEL" --limit 20 --out "$OUT"
 else
   bench throughput.py --model "$MODEL" --out "$BENCH/throughput.json"
@@ -51,6 +52,8 @@ else
   bench vector_search.py --out "$BENCH/vector_search.json"
   bench api_load.py --model "$MODEL" --out "$BENCH/api_load.json"
   bench ingest.py --model "$MODEL" --out "$BENCH/ingest.json"
+  bench ood_gate.py --model "$MODEL" --out docs/ood.md --json "$BENCH/ood_gate.json"
+  bench bad_input_table.py --out docs/bad_inputs.md
   run "$MEDLENS" eval all --model "$MODEL" --out "$OUT"
   run "$PY" scripts/make_results.py --results "$OUT"
 fi

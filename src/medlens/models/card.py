@@ -140,7 +140,7 @@ class SourceReference:
         assert self.bank is not None
         q = np.atleast_2d(np.asarray(feats, np.float32))
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        sims = q @ self.bank.astype(np.float32).T
+        sims = q @ self.bank.T  # float32 in memory (float16 on disk)
         kth = np.partition(sims, -k, axis=1)[:, -k]
         return 1.0 - kth
 
@@ -278,12 +278,16 @@ def read_ood(path: Path) -> OodReference:
                     mean=arrays[f"{key}/mean"].astype(np.float64),
                     precision=arrays[f"{key}/precision"].astype(np.float64),
                     emb_threshold=float(src["emb_threshold"]),
-                    bank=arrays.get(f"{key}/bank"),
+                    bank=(
+                        arrays[f"{key}/bank"].astype(np.float32)
+                        if f"{key}/bank" in arrays
+                        else None
+                    ),
                     feat_threshold=None if feat_thr is None else float(feat_thr),
                 )
                 values = [s.mean, s.precision, s.emb_threshold, feat_thr or 1.0]
                 if s.bank is not None:
-                    values.append(s.bank.astype(np.float32))
+                    values.append(s.bank)
                 if not all(np.isfinite(v).all() for v in values) or s.emb_threshold <= 0:
                     raise ValueError("non-finite or non-positive values")
                 sources.append(s)

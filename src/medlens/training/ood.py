@@ -149,7 +149,9 @@ def fit_source(
     if train_feats is not None and val_feats is not None:
         rng = np.random.default_rng(seed)
         rows = rng.choice(len(train_feats), size=min(bank_size, len(train_feats)), replace=False)
-        bank = _l2(np.asarray(train_feats, np.float32)[np.sort(rows)]).astype(np.float16)
+        # Rounded through float16 as it is stored, so thresholds match what is shipped.
+        bank = _l2(np.asarray(train_feats, np.float32)[np.sort(rows)])
+        bank = bank.astype(np.float16).astype(np.float32)
         probe = SourceReference(name, src.mean, src.precision, 1.0, bank, 1.0)
         feat_thr = float(np.quantile(probe.feat_distance(val_feats, k), acceptance))
     return SourceReference(name, src.mean, src.precision, emb_thr, bank, feat_thr)
