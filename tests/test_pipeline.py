@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from medlens import MedLens
@@ -132,6 +134,18 @@ def test_cli_table_output(data_dir):
     res = runner.invoke(app, ["analyze", str(data_dir / CXR)])
     assert res.exit_code == 0, res.output
     assert "Triage" in res.stdout and "Differential" in res.stdout
+
+
+def test_cli_prints_quality_warnings_and_abstains_in_one_line(data_dir, tmp_path):
+    res = runner.invoke(app, ["analyze", str(data_dir / "cxr-samples" / "Fake_MONOHR1.dcm")])
+    assert res.exit_code == 0, res.output
+    want = "Warning: low quality" if "DICOM header says" in res.stdout else "Triage"
+    assert want in res.stdout
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(blank)
+    res = runner.invoke(app, ["analyze", str(blank)])
+    assert res.exit_code == 2 and "abstains" in res.output
+    assert "Traceback" not in res.output
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):

@@ -46,6 +46,8 @@ def print_analysis(result: dict[str, Any], top_k: int) -> None:
         f"[bold]Domain:[/bold] {result['domain']} ({result['domain_detection']['source']})   "
         f"[bold]Model:[/bold] {result['model']['name']} ({result['model']['fingerprint']})"
     )
+    for warning in result.get("quality", {}).get("warnings", []):
+        console.print(f"[yellow]Warning:[/yellow] {warning}")
     table = Table(title="Differential", show_lines=False)
     table.add_column("#", justify="right")
     table.add_column("Finding")
@@ -53,9 +55,8 @@ def print_analysis(result: dict[str, Any], top_k: int) -> None:
     table.add_column("ICD-10-CM")
     table.add_column("Risk")
     for i, f in enumerate(result["findings"][:top_k], 1):
-        table.add_row(
-            str(i), f["name"], f"{f['probability']:.1%}", ", ".join(f["icd10"]), f["risk"]
-        )
+        name = f["name"] + (" [dim](classifier)[/dim]" if f.get("source") == "classifier" else "")
+        table.add_row(str(i), name, f"{f['probability']:.1%}", ", ".join(f["icd10"]), f["risk"])
     console.print(table)
     console.print(
         f"[bold {colour}]Triage: {tri['level'].upper()}[/bold {colour}] — {tri['reason']}"

@@ -220,6 +220,8 @@ def main() -> None:
         _, name, result, found = stored
         with right:
             render_triage(result["triage"])
+            for warning in result.get("quality", {}).get("warnings", []):
+                st.warning(warning)  # low quality, atypical DICOM, unchecked model
             st.subheader("Differential")
             st.caption(
                 f"Domain: {result['domain']} ({result['domain_detection']['source']}) · "
