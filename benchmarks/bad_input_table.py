@@ -149,7 +149,7 @@ def ood_inputs(data_dir: Path) -> list[tuple[str, object, str]]:
     return rows
 
 
-def corrupted_states(home: Path) -> list[tuple[str, object]]:
+def corrupted_states() -> list[tuple[str, object]]:
     """(label, setup) pairs: ``setup(home)`` damages the state under ``home`` (a fresh
     MEDLENS_HOME that has analysed one image) and returns the model spec to load."""
     import shutil
@@ -252,7 +252,7 @@ def analysis_table(data_dir: Path) -> tuple[str, dict[str, int]]:
     rows += ["", "| corrupted state | result |", "|---|---|"]
     saved = os.environ.get("MEDLENS_HOME")
     try:
-        for label, damage in corrupted_states(Path(".")):
+        for label, damage in corrupted_states():
             with tempfile.TemporaryDirectory(prefix="medlens-state-") as tmp:
                 home = Path(tmp)
                 os.environ["MEDLENS_HOME"] = str(home)

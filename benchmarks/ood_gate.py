@@ -99,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             rej = sum(r["admitted"] is None for r in forced)
             rows_forced.append((f"{name} sent as {other}", len(forced), rej))
     for kind in KINDS:
-        res = [gate_one(ml, px) for _, px in build(kind)]
+        items = build(kind)
+        res = [gate_one(ml, px) for _, px in items]
         rej = sum(r["admitted"] is None for r in res)
-        leaked = [lbl for (lbl, _), r in zip(build(kind), res, strict=True) if r["admitted"]]
+        leaked = [lbl for (lbl, _), r in zip(items, res, strict=True) if r["admitted"]]
         rows_out.append((kind, len(res), rej, leaked))
         print(f"{kind}: abstained {rej}/{len(res)}", file=sys.stderr)
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from medlens.errors import ModelUnavailable
+from medlens.models.base import l2_normalize
 
 CARD_FORMAT = "medlens-model-card/1"
 OOD_FORMAT = "medlens-ood-reference/1"
@@ -138,8 +139,7 @@ class SourceReference:
 
     def feat_distance(self, feats: np.ndarray, k: int) -> np.ndarray:
         assert self.bank is not None
-        q = np.atleast_2d(np.asarray(feats, np.float32))
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        q = l2_normalize(np.atleast_2d(feats))
         sims = q @ self.bank.T  # float32 in memory (float16 on disk)
         kth = np.partition(sims, -k, axis=1)[:, -k]
         return 1.0 - kth

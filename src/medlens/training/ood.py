@@ -41,6 +41,7 @@ from medlens.embeddings import (
 )
 from medlens.errors import ConfigError
 from medlens.knowledge import domains, load_domain
+from medlens.models.base import l2_normalize
 from medlens.models.card import DomainReference, OodReference, SourceReference
 
 ACCEPTANCE = 0.99  # per validation set and distance
@@ -122,10 +123,6 @@ def _vectors(
     return emb, None
 
 
-def _l2(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def fit_source(
     name: str,
     train_emb: np.ndarray,
@@ -150,7 +147,7 @@ def fit_source(
         rng = np.random.default_rng(seed)
         rows = rng.choice(len(train_feats), size=min(bank_size, len(train_feats)), replace=False)
         # Rounded through float16 as it is stored, so thresholds match what is shipped.
-        bank = _l2(np.asarray(train_feats, np.float32)[np.sort(rows)])
+        bank = l2_normalize(np.asarray(train_feats, np.float32)[np.sort(rows)])
         bank = bank.astype(np.float16).astype(np.float32)
         probe = SourceReference(name, src.mean, src.precision, 1.0, bank, 1.0)
         feat_thr = float(np.quantile(probe.feat_distance(val_feats, k), acceptance))
