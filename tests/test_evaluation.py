@@ -93,6 +93,18 @@ def test_protocols_are_data_with_versions_and_splits():
     assert eczema == ["atopic_dermatitis", "nummular_eczema", "hand_dermatitis"]
 
 
+def test_selection_filters_on_record_meta(data_dir):
+    """``where`` keeps only matching records: Derm7pt's dermoscopic view, and the HAM10000
+    test images that are DermaMNIST's test images (2,005 of the split's 2,951)."""
+    from medlens.datasets import load_dataset
+
+    derm = select_records(load_dataset("derm7pt"), "test", None, {"view": "derm"})
+    assert len(derm) == 395 and {r.meta["view"] for r in derm} == {"derm"}
+    ham = load_dataset("ham10000")
+    assert len(select_records(ham, "test", None)) == 2951
+    assert len(select_records(ham, "test", None, {"dermamnist_split": "test"})) == 2005
+
+
 def test_limited_selection_is_deterministic_and_spans_the_split(data_dir):
     from medlens.datasets import load_dataset
 
@@ -194,6 +206,14 @@ def test_classification_protocols_have_sane_metrics(smoke_run):
     assert "all 49 dermatology findings" in op["probability"]
     _in01(op["specificity"])
     assert "colour" in results["derm7-isic2018"]["caveat"]
+    for name in ("derm7pt-derm", "derm7pt-clinic"):
+        g = results[name]["groups"]  # Derm7pt's 5 diagnosis groups, from meta["group5"]
+        assert list(g["findings"]) == ["BCC", "NEV", "MEL", "MISC", "SK"]
+        assert 0 < g["n"] <= LIMIT and results[name]["dataset"]["n"] <= g["n"]
+        _in01(g["balanced_accuracy"], g["macro_auroc"])
+        _ci_ok(g["balanced_accuracy"], g["balanced_accuracy_ci"])
+    dermamnist_test = results["ham10000-dermamnist-test"]["dataset"]
+    assert dermamnist_test["n"] == LIMIT and dermamnist_test["version_matches"]
     dn = results["dermnet"]
     assert len(dn["dataset"]["classes"]) == 46  # 47 DermNet conditions map to 46 findings
     assert dn["top1_accuracy"] <= dn["top3_accuracy"]

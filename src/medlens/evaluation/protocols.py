@@ -142,14 +142,23 @@ def embed_texts_cached(
     )
 
 
-def select_records(manifest: Manifest, split: str | None, limit: int | None) -> list[Record]:
-    """Records with an image in ``split`` (every split when None). With ``limit``, that
-    many records evenly spaced through the split (deterministic), so a smoke run still
-    sees every class of a sorted dataset."""
+def select_records(
+    manifest: Manifest,
+    split: str | None,
+    limit: int | None,
+    where: dict[str, str] | None = None,
+) -> list[Record]:
+    """Records with an image in ``split`` (every split when None) whose ``meta`` matches
+    ``where`` (e.g. ``{view: derm}``). With ``limit``, that many records evenly spaced
+    through the selection (deterministic), so a smoke run still sees every class of a
+    sorted dataset."""
+    where = where or {}
     recs = [
         r
         for r in manifest.records
-        if (split is None or r.split == split) and (r.path is not None or r.array_index is not None)
+        if (split is None or r.split == split)
+        and (r.path is not None or r.array_index is not None)
+        and all(str(r.meta.get(k)) == str(v) for k, v in where.items())
     ]
     if limit and limit < len(recs):
         idx = np.linspace(0, len(recs) - 1, limit).round().astype(int)
@@ -479,7 +488,7 @@ def _classification(ctx: Context) -> dict[str, Any]:
     pack = load_domain(manifest.domain)
     classes = _candidates(pack, manifest)
     order = [pack.finding_ids.index(c) for c in classes]
-    all_recs = select_records(manifest, spec.get("split"), ctx.limit)
+    all_recs = select_records(manifest, spec.get("split"), ctx.limit, spec.get("where"))
     targets = [_label_findings(pack, manifest, r) for r in all_recs]
     recs = [r for r, t in zip(all_recs, targets, strict=True) if t]
     y = np.array([classes.index(t[0]) for t in targets if t])
@@ -542,6 +551,8 @@ def _classification(ctx: Context) -> dict[str, Any]:
             res[gname].pop("_curve")
         res["calibration"].pop("_probs", None)
         results[modality] = res
+    if gspec := spec.get("group_scoring"):
+        results["image"]["groups"] = _group_scores(ctx, pack, manifest, all_recs, gspec)
     if modalities == ["image"]:
         out.update(results["image"])
     else:
@@ -556,6 +567,39 @@ def _classification(ctx: Context) -> dict[str, Any]:
             f"{scoring.SYMPTOM_WEIGHT} × symptom logits (untrained weight)",
             "fusion_trained": None,
         }
+    return out
+
+
+def _group_scores(
+    ctx: Context,
+    pack: KnowledgePack,
+    manifest: Manifest,
+    recs: list[Record],
+    gspec: dict[str, Any],
+) -> dict[str, Any]:
+    """Scores in a coarser evaluation vocabulary (Derm7pt's 5 diagnosis groups): truth
+    from ``meta[gspec["meta"]]``, which also covers records with no finding label; each
+    group's probability is the sum of its findings' in the pipeline's differential (the
+    softmax over all of the pack's findings), renormalised over the groups."""
+    names = list(gspec["findings"])
+    recs = [r for r in recs if r.meta.get(gspec["meta"]) in names]
+    y = np.array([names.index(r.meta[gspec["meta"]]) for r in recs])
+    groups = np.array([r.group or r.id for r in recs])
+    full = scoring.calibrated(
+        ctx.logits(pack, ctx.embed(manifest, recs, f"{ctx.name} (groups)")), pack, ctx.calibration
+    )
+    cols = [[pack.finding_ids.index(f) for f in gspec["findings"][g]] for g in names]
+    probs = np.stack([full[:, c].sum(1) for c in cols], 1)
+    probs = probs / np.clip(probs.sum(1, keepdims=True), 1e-12, None)
+    out = _single_label_metrics(ctx, y, probs, names, groups)
+    out["n"] = len(recs)
+    out["findings"] = gspec["findings"]
+    if (pos := gspec.get("positive")) in names:
+        truth = (y == names.index(pos)).astype(int)
+        out[f"{pos}_auroc"] = _r(M.binary_auroc(truth, probs[:, names.index(pos)]))
+        out[f"{pos}_auroc_ci"] = ctx.ci(
+            M.binary_auroc, truth, probs[:, names.index(pos)], groups=groups
+        )
     return out
 
 
@@ -689,7 +733,7 @@ def _classification_calibration(
         block["_probs"] = cross_fitted()  # for the reliability plot; removed there
         return block
     if where:
-        vrecs = select_records(manifest, where, ctx.limit)
+        vrecs = select_records(manifest, where, ctx.limit, spec.get("where"))
         vt = [_label_findings(pack, manifest, r) for r in vrecs]
         keep = [i for i, t in enumerate(vt) if t and t[0] in pack.finding_ids]
         vrecs = [vrecs[i] for i in keep]

@@ -86,6 +86,21 @@ def _classification_rows(r: dict[str, Any], prefix: str = "") -> list[Row]:
                 (f"{prefix}{key} sensitivity", g["sensitivity"], g["sensitivity_ci"]),
                 (f"{prefix}{key} specificity", g["specificity"], g["specificity_ci"]),
             ]
+    if g := r.get("groups"):  # a coarser evaluation vocabulary (Derm7pt's 5 groups)
+        names = ", ".join(g["findings"])
+        rows += [
+            (
+                f"{prefix}groups: balanced accuracy ({names}; n={g['n']})",
+                g["balanced_accuracy"],
+                g["balanced_accuracy_ci"],
+            ),
+            (f"{prefix}groups: macro AUROC", g["macro_auroc"], g["macro_auroc_ci"]),
+        ]
+        rows += [
+            (f"{prefix}groups: {k.removesuffix('_auroc')} AUROC", v, g.get(f"{k}_ci"))
+            for k, v in g.items()
+            if k.endswith("_auroc") and k != "macro_auroc"
+        ]
     op = r.get("operating_point")
     if op and op.get("threshold") is not None:
         f, t = op["finding"], op["threshold"]
