@@ -246,6 +246,19 @@ def test_lite_default_spec() -> None:
             load_encoder("lite")
 
 
+def test_earlier_lite_release_stays_loadable_by_name() -> None:
+    """``lite-v4`` (the DermaMNIST-trained release) loads from its packaged file, with its
+    own fingerprint and calibration, beside whatever ``lite`` is now."""
+    from medlens.models.registry import PACKAGED_LITE
+
+    spec = parse_model_spec("lite-v4")
+    assert spec.scheme == "lite" and spec.target.endswith(PACKAGED_LITE["lite-v4"])
+    enc = load_encoder("lite-v4")
+    assert enc.name == "lite-v4"
+    assert enc.fingerprint == "1d8defc5788d13c1"
+    assert enc.calibration["thresholds"]["dermatology"]["melanoma"] == pytest.approx(0.0627, 1e-2)
+
+
 # -- open_clip ------------------------------------------------------------------------------
 TINY_OPEN_CLIP = {
     "embed_dim": 32,

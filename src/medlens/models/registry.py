@@ -3,6 +3,7 @@
 Accepted forms::
 
     lite                                  the packaged offline encoder
+    lite-v4                               an earlier packaged release (PACKAGED_LITE)
     lite:<heads.safetensors>              the lite towers with heads from a training run
     open_clip:<architecture>@<tag|file>   e.g. open_clip:ViT-B-32@openai
     open_clip:hf-hub:<org/repo>           e.g. BiomedCLIP
@@ -35,8 +36,17 @@ from medlens.models.base import Encoder
 if TYPE_CHECKING:
     from medlens.models.txv import TxvClassifier
 
+# Earlier releases of the packaged lite heads, kept loadable by name so old results can be
+# reproduced and compared (docs/models/lite.md): name -> file in models/weights/.
+PACKAGED_LITE = {
+    # MobileNetV2 tail + heads trained on 28-px DermaMNIST (2026-11-23, fingerprint
+    # 1d8defc5788d13c1): the default until the HAM10000/Derm7pt retrain.
+    "lite-v4": "lite_heads_v4.safetensors",
+}
+
 ACCEPTED_FORMS = (
     "lite",
+    *(f"{name} (an earlier packaged release)" for name in PACKAGED_LITE),
     "lite:<heads .safetensors file>",
     "open_clip:<architecture>@<pretrained tag or checkpoint file> (e.g. open_clip:ViT-B-32@openai)",
     "open_clip:hf-hub:<org/repo> (e.g. open_clip:hf-hub:microsoft/"
@@ -70,6 +80,10 @@ def parse_model_spec(name: str) -> ModelSpec:
     spec = name.strip()
     if spec == "lite":
         return ModelSpec("lite")
+    if spec in PACKAGED_LITE:
+        from medlens.models.lite import DEFAULT_HEADS_PATH
+
+        return ModelSpec("lite", str(DEFAULT_HEADS_PATH.parent / PACKAGED_LITE[spec]))
     base, plus, adapter = spec.partition("+lora:")
     if plus or spec.startswith("lora:"):
         adapter = adapter if plus else spec[len("lora:") :]
