@@ -74,3 +74,31 @@ def test_api_load_benchmark_smoke(tmp_path: Path) -> None:
         timeout=600,
     )
     assert r["load"]["ok"] == 6 and not r["load"]["errors"]
+
+
+@pytest.mark.slow
+def test_flips_benchmark_smoke(tmp_path: Path) -> None:
+    """The test-time-flip decision runs on validation splits only and states its rule."""
+    js, md = tmp_path / "flips.json", tmp_path / "flips.md"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/flips.py",
+            "--limit",
+            "6",
+            "--json",
+            str(js),
+            "--out",
+            str(md),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "MEDLENS_HOME": str(tmp_path / "home")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(js.read_text())
+    assert len(r["rows"]) == 5 and r["smoke"] is True
+    assert isinstance(r["keep"], bool) and r["latency"]["ratio"] > 1.0
+    assert "validation" in md.read_text() and "Decision" in md.read_text()
