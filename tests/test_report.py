@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from fhir.resources.R4B.bundle import Bundle
@@ -321,6 +322,18 @@ def test_cli_report_markdown_to_stdout(data_dir: Path) -> None:
     assert res.exit_code == 0, res.output
     assert res.stdout.startswith("# MedLens report — Chest X-ray")
     assert len(re.findall(r"^\| \d+ \|", res.stdout, flags=re.M)) >= 3
+    # Similar past reports (IU X-ray under MEDLENS_DATA), with their source ids.
+    assert "Reports of similar studies" in res.stdout
+    assert len(re.findall(r"^- iu_xray CXR\d+ \(similarity", res.stdout, flags=re.M)) == 3
+
+
+def test_cli_report_uses_medlens_llm_url(data_dir: Path, llm_url: str) -> None:
+    env = {"MEDLENS_LLM_URL": f"{llm_url}/lie", "MEDLENS_LLM_TIMEOUT_S": "5"}
+    res = runner.invoke(cli_app, ["report", str(data_dir / CXR_PNG)], env=env)
+    assert res.exit_code == 0, res.output
+    note = "Template narrative shown: the language-model rewrite was not used"
+    assert note in " ".join(res.output.split()) and note in res.stdout
+    assert "left lower zone" not in res.stdout
 
 
 def test_cli_report_folder(data_dir: Path, tmp_path: Path) -> None:
@@ -494,7 +507,8 @@ def test_grounding_rejects_adversarial_rewrites_and_accepts_the_template(cases: 
 @pytest.fixture(scope="module")
 def llm_url() -> Any:
     """An OpenAI-compatible endpoint on loopback. Path prefixes choose its behaviour:
-    /echo returns the text it was sent, /lie adds a side, /slow answers after 3 s,
+    /echo returns the text it was sent, /lie adds a side, /swap/A/B replaces A by B,
+    /slow answers after 3 s, /trickle sends its answer a byte every 0.5 s (20 s in all),
     /error answers 500, /garbage answers non-JSON."""
     import threading
     import time
@@ -507,9 +521,27 @@ def llm_url() -> Any:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", 0))
             sent = json.loads(self.rfile.read(length))["messages"][-1]["content"]
-            mode = self.path.split("/")[1]
+            from urllib.parse import unquote
+
+            parts = self.path.split("/")
+            mode = parts[1]
             if mode == "slow":
                 time.sleep(3)
+            if mode == "trickle":
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "40")
+                self.end_headers()
+                try:
+                    for _ in range(40):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                        time.sleep(0.5)
+                except OSError:  # the client gave up: that is the point
+                    pass
+                return
+            if mode == "swap":
+                sent = sent.replace(unquote(parts[2]), unquote(parts[3]))
             if mode == "error":
                 self.send_response(500)
                 self.end_headers()
@@ -555,3 +587,363 @@ def test_llm_rewrite_is_guarded(cases: dict, llm_url: str) -> None:
         assert g.source == "template" and why in g.rejected_because[0], g
     down = rewrite_narrative(report, f"http://127.0.0.1:{free_port()}", timeout_s=2)
     assert down.source == "template" and "unavailable" in down.rejected_because[0]
+
+
+# -- issue 16, remaining items -------------------------------------------------------------
+# Similar past reports run on a slice of the real IU X-ray reports (the first rows of
+# reports.csv), so a cold test embeds ~150 texts instead of 3,955.
+IU_ROWS = 150
+
+
+@pytest.fixture(scope="module")
+def iu_settings(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Settings:
+    import csv
+
+    root = tmp_path_factory.mktemp("iu_data")
+    (root / "iu-xray-reports").mkdir()
+    with open(data_dir / "iu-xray-reports" / "reports.csv", newline="") as src:
+        rows = list(csv.reader(src))
+    with open(root / "iu-xray-reports" / "reports.csv", "w", newline="") as dst:
+        csv.writer(dst).writerows(rows[: IU_ROWS + 1])
+    return Settings(home=tmp_path_factory.mktemp("iu_home"), data=root)
+
+
+def _iu_root(s: Settings) -> Path:
+    assert s.data is not None
+    return s.data / "iu-xray-reports"
+
+
+def test_positive_text_and_draft_query() -> None:
+    from medlens.retrieval.reports import NORMAL_TEXT, draft_query, positive_text
+
+    text = (
+        "The heart is normal in size. There is no pneumothorax. Stable calcified granuloma "
+        "in the right upper lobe. Small XXXX effusion on the left."
+    )
+    assert positive_text(text) == (
+        "Stable calcified granuloma in the right upper lobe. Small   effusion on the left."
+    )
+    assert positive_text("No acute disease. Lungs are clear.") == NORMAL_TEXT
+    q = draft_query(["pleural_effusion", "no_such_finding"])
+    assert q.startswith("Pleural effusion.") and "%" not in q
+    assert draft_query(["no_finding"]) == NORMAL_TEXT
+    assert draft_query([]) == ""
+
+
+def test_report_index_is_cached_by_content_and_encoder(iu_settings: Settings) -> None:
+    from medlens.embeddings import open_store
+    from medlens.retrieval import reports as R
+
+    class Counting(R.FrozenMiniLM):
+        calls = 0
+
+        def embed_texts(self, texts: Any, batch_size: int = R.BATCH) -> Any:
+            Counting.calls += len(texts)
+            return super().embed_texts(texts, batch_size)
+
+    root = _iu_root(iu_settings)
+    store = open_store(iu_settings.cache_dir)
+    enc = Counting()
+    index = R.load_report_index(root, store=store, encoder=enc)
+    assert 100 < len(index) <= IU_ROWS and index.vectors.shape == (len(index), 384)
+    assert Counting.calls > 0
+    assert R.load_report_index(root, store=store, encoder=enc) is index  # in-process memo
+    R._memo.clear()  # a new process: every report vector comes back from the cache
+    before = Counting.calls
+    again = R.load_report_index(root, store=store, encoder=enc)
+    assert Counting.calls == before
+    assert np.array_equal(again.vectors, index.vectors)
+    assert np.allclose(np.linalg.norm(index.vectors, axis=1), 1, atol=1e-4)
+    # Its own text finds a report first.
+    i = next(i for i, imp in enumerate(index.impressions) if imp and "effusion" in imp.lower())
+    own = R.positive_text(R.report_text(index.impressions[i], index.findings[i]))
+    hits = index.nearest(own, k=3, store=store)
+    assert hits[0].source_id == index.ids[i] and hits[0].similarity > 0.99
+    assert [h.similarity for h in hits] == sorted((h.similarity for h in hits), reverse=True)
+    assert index.ids[i] not in [h.source_id for h in index.nearest(own, 3, exclude=[index.ids[i]])]
+    # No text of any report reaches the cache file: only hashes and vectors.
+    raw = (iu_settings.cache_dir / "embeddings.sqlite3").read_bytes()
+    assert index.impressions[i].encode()[:40] not in raw
+
+
+def test_chest_report_shows_similar_past_reports(cases: dict, iu_settings: Settings) -> None:
+    from medlens.report.compose import compose_report
+
+    decoded, a = cases["chest-xray"]
+    report = compose_report(a, settings=iu_settings)
+    found = report.evidence.similar_reports
+    assert len(found) == 3 and report.evidence.similar_reports_note is None
+    ids = {f"CXR{r.split(',')[0]}" for r in
+           (_iu_root(iu_settings) / "reports.csv").read_text().splitlines()[1:]}  # fmt: skip
+    assert all(r.source_id in ids and r.dataset == "iu_xray" for r in found)
+    md = to_markdown(report)
+    assert "Reports of similar studies" in md
+    assert all(r.source_id in md for r in found)
+    assert check_bundle(to_fhir_json(report)) == []
+    words = " ".join(PdfReader(io.BytesIO(to_pdf(report, decoded))).pages[0].extract_text().split())
+    assert "Reports of similar studies" in words and found[0].source_id in words
+    assert report.narrative_shown == report.narrative_text and report.rewrite is None
+    # The JSON of such a report parses back to the same report.
+    assert Report.model_validate_json(report.model_dump_json()) == report
+    # Skin reports have none and say nothing; no IU folder: a note says why.
+    skin = compose_report(cases["skin"][1], settings=iu_settings)
+    assert skin.evidence.similar_reports == () and skin.evidence.similar_reports_note is None
+    bare = Settings(home=iu_settings.home, data=iu_settings.home)
+    none = compose_report(a, settings=bare)
+    assert none.evidence.similar_reports == ()
+    assert "iu-xray-reports" in (none.evidence.similar_reports_note or "")
+
+
+def test_similar_reports_do_not_wait_for_a_first_build(
+    cases: dict, iu_settings: Settings, tmp_path: Path
+) -> None:
+    """The API never waits for the first embedding of the reports: it starts it and says so."""
+    import dataclasses
+    import time
+
+    from medlens.report import compose
+
+    fresh = tmp_path / "data" / "iu-xray-reports"
+    fresh.mkdir(parents=True)
+    rows = (_iu_root(iu_settings) / "reports.csv").read_text().splitlines(keepends=True)
+    (fresh / "reports.csv").write_text("".join(rows[:60]))  # other content: not memoised
+    s = dataclasses.replace(iu_settings, data=tmp_path / "data")
+    first = compose.compose_report(cases["chest-xray"][1], settings=s, wait_for_index=False)
+    assert first.evidence.similar_reports == ()
+    assert "being indexed" in (first.evidence.similar_reports_note or "")
+    compose._building[str(fresh)].join(timeout=600)
+    later = compose.compose_report(cases["chest-xray"][1], settings=s, wait_for_index=False)
+    assert len(later.evidence.similar_reports) == 3
+    assert time.monotonic()  # (no wall-clock assertion: the machine may be loaded)
+
+
+# -- MEDLENS_LLM_URL: the narrative rewrite in report generation ---------------------------
+def _llm_settings(base: Settings, url: str, timeout_s: float = 5.0) -> Settings:
+    import dataclasses
+
+    return dataclasses.replace(base, llm_url=url, llm_timeout_s=timeout_s)
+
+
+def test_llm_setting_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDLENS_LLM_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("MEDLENS_LLM_TIMEOUT_S", "7")
+    s = Settings()
+    assert (s.llm_url, s.llm_timeout_s, s.llm_model) == ("http://127.0.0.1:9/v1", 7, "default")
+    monkeypatch.setenv("MEDLENS_LLM_TIMEOUT_S", "soon")
+    with pytest.raises(ConfigError, match="MEDLENS_LLM_TIMEOUT_S"):
+        Settings()
+    monkeypatch.delenv("MEDLENS_LLM_URL")
+    monkeypatch.delenv("MEDLENS_LLM_TIMEOUT_S")
+    assert Settings().llm_url is None
+
+
+def test_report_narrative_rewritten_when_grounded(
+    cases: dict, settings: Settings, llm_url: str
+) -> None:
+    import time
+    from urllib.parse import quote
+
+    from medlens.knowledge import load_domain
+    from medlens.report.compose import compose_report
+
+    a = cases["chest-xray"][1]
+    template = build_report(a).narrative_text
+
+    # (a) a faithful rewrite: shown, with a note that it was checked
+    ok = compose_report(a, settings=_llm_settings(settings, f"{llm_url}/echo"))
+    assert ok.rewrite is not None and ok.rewrite.accepted and ok.narrative_shown == template
+    md = to_markdown(ok)
+    assert "rewritten for readability by a language model and checked" in md
+    assert check_bundle(to_fhir_json(ok)) == []
+
+    # (b) a rewrite that swaps the top finding for another: refused, template + note
+    top = ok.findings[0].name
+    other = next(f.name for f in load_domain("chest_xray").findings
+                 if f.id not in {x.id for x in ok.findings})  # fmt: skip
+    swap = f"{llm_url}/swap/{quote(top, safe='')}/{quote(other, safe='')}"
+    bad = compose_report(a, settings=_llm_settings(settings, swap))
+    assert bad.rewrite is not None and not bad.rewrite.accepted
+    assert bad.narrative_shown == template and other not in to_markdown(bad)
+    assert any("names a finding the report does not contain" in r for r in bad.rewrite.reasons)
+    assert "Template narrative shown" in to_markdown(bad)
+    xhtml = _resources(to_fhir_json(bad), "DiagnosticReport")[0]["text"]["div"]
+    assert "Template narrative shown" in xhtml and other not in xhtml
+
+    # (c) an endpoint that sleeps past the time-out: template, and no hang
+    t0 = time.monotonic()
+    slow = compose_report(a, settings=_llm_settings(settings, f"{llm_url}/slow", 0.5))
+    assert time.monotonic() - t0 < 30  # /slow answers after 3 s; generous on a loaded box
+    assert slow.rewrite is not None and not slow.rewrite.accepted
+    assert "timed out" in slow.rewrite.note and slow.narrative_shown == template
+
+    # nobody listening: template with the reason
+    from medlens.api.launch import free_port
+
+    down = compose_report(a, settings=_llm_settings(settings, f"http://127.0.0.1:{free_port()}"))
+    assert down.rewrite is not None and "unavailable" in down.rewrite.note
+
+
+def test_llm_trickling_endpoint_is_cut_at_the_deadline(cases: dict, llm_url: str) -> None:
+    """httpx's time-out is per read; the whole call still ends near timeout_s."""
+    import time
+
+    from medlens.report.llm import DEADLINE_MARGIN_S, rewrite_narrative
+
+    report = build_report(cases["chest-xray"][1])
+    t0 = time.monotonic()
+    g = rewrite_narrative(report, f"{llm_url}/trickle", timeout_s=1.0)
+    took = time.monotonic() - t0
+    assert g.source == "template" and "timed out" in g.rejected_because[0]
+    assert took < 1.0 + DEADLINE_MARGIN_S + 5  # the trickle alone lasts 20 s
+
+
+def test_api_report_uses_llm_and_audits_the_outcome(
+    lens: MedLens, iu_settings: Settings, llm_url: str, data_dir: Path, cases: dict
+) -> None:
+    import dataclasses
+
+    from medlens.report.compose import compose_report
+
+    compose_report(cases["chest-xray"][1], settings=iu_settings)  # the index is built
+    s = dataclasses.replace(iu_settings, llm_url=f"{llm_url}/lie", llm_timeout_s=5)
+    app = create_app(s, lens=lens, load_in_background=False)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = _post(c, data_dir / CXR_PNG, "text/markdown")
+        assert r.status_code == 200, r.text
+        rec = AuditLog.from_settings(s).get(r.headers["X-Audit-ID"])
+        sent = rec.output["report"]
+        assert sent["sha256"] == hashlib.sha256(r.content).hexdigest()
+        assert sent["format"] == "md" and sent["narrative"] == "template"
+        assert sent["narrative_rejected_because"] == [
+            "states a laterality the report does not: left"
+        ]
+        assert len(sent["similar_reports"]) == 3
+        assert all(i in r.text for i in sent["similar_reports"])
+        assert "left lower zone" not in r.text
+        # The record is the analysis the report was made from.
+        assert (
+            rec.output["input"]["content_hash"]
+            == hashlib.sha256((data_dir / CXR_PNG).read_bytes()).hexdigest()
+        )
+        assert rec.output["findings"][0]["id"] == rec.top_finding
+        r2 = _post(c, data_dir / CXR_PNG, "application/pdf")
+        rec2 = AuditLog.from_settings(s).get(r2.headers["X-Audit-ID"])
+        assert rec2.output["report"]["format"] == "pdf"
+        assert rec2.output["report"]["sha256"] == hashlib.sha256(r2.content).hexdigest()
+        assert rec2.output["input"]["content_hash"] == rec.output["input"]["content_hash"]
+
+
+# -- explanation overlay as FHIR Media -----------------------------------------------------
+def _overlay_png(decoded: DecodedImage) -> bytes:
+    """A heatmap PNG over the real image: a red blob blended onto a thumbnail of it."""
+    base = Image.fromarray(decoded.pixels.astype(np.uint8)).convert("RGB")
+    base.thumbnail((160, 160))
+    yy, xx = np.mgrid[0 : base.height, 0 : base.width]
+    heat = np.exp(-(((xx - base.width * 0.6) ** 2 + (yy - base.height * 0.4) ** 2) / 900.0))
+    rgb = np.asarray(base, dtype=np.float32)
+    rgb[..., 0] = np.clip(rgb[..., 0] * (1 - heat) + 255 * heat, 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_overlay_is_a_fhir_media_linked_from_the_report(cases: dict) -> None:
+    from medlens.report.model import make_overlay
+
+    decoded, a = cases["chest-xray"]
+    png = _overlay_png(decoded)
+    overlay = make_overlay(png, "Grad-CAM: " + a.findings[0].name, a.findings[0].id)
+    report = build_report(a, overlay=overlay)
+    assert Report.model_validate_json(report.model_dump_json()) == report  # PNG as base64
+    data = json.loads(to_fhir_bundle(report).model_dump_json(exclude_none=True))
+    assert check_bundle(data) == []
+    (media,) = _resources(data, "Media")
+    (dr,) = _resources(data, "DiagnosticReport")
+    url = dr["media"][0]["link"]["reference"]
+    assert next(e for e in data["entry"] if e["fullUrl"] == url)["resource"] is not None
+    assert base64.b64decode(media["content"]["data"]) == png
+    assert media["content"]["contentType"] == "image/png"
+    assert (media["width"], media["height"]) == (overlay.width, overlay.height)
+    assert AIAST["code"] in [s["code"] for s in media["meta"]["security"]]
+    (prov,) = _resources(data, "Provenance")
+    assert {"reference": url} in prov["target"]
+    assert overlay.sha256[:16] in to_markdown(report)
+    page = PdfReader(io.BytesIO(to_pdf(report, decoded))).pages[0]
+    assert len(page.images) == 2  # the image and its heatmap
+    # Without an overlay there is no Media.
+    assert not _resources(to_fhir_json(build_report(a)), "Media")
+
+    unlinked = copy.deepcopy(data)
+    del _resources(unlinked, "DiagnosticReport")[0]["media"]
+    assert any("not linked from DiagnosticReport.media" in p for p in check_bundle(unlinked))
+    wrong_hash = copy.deepcopy(data)
+    _resources(wrong_hash, "Media")[0]["content"]["hash"] = base64.b64encode(b"x" * 20).decode()
+    assert any("hash does not match" in p for p in check_bundle(wrong_hash))
+    not_image = copy.deepcopy(data)
+    m = _resources(not_image, "Media")[0]["content"]
+    m["data"], m["hash"] = base64.b64encode(b"hello").decode(), None
+    del m["hash"]
+    assert any("not a PNG or JPEG" in p for p in check_bundle(not_image))
+    to_obs = copy.deepcopy(data)
+    obs_url = _resources(to_obs, "DiagnosticReport")[0]["result"][0]["reference"]
+    _resources(to_obs, "DiagnosticReport")[0]["media"][0]["link"]["reference"] = obs_url
+    assert any("does not link to a Media" in p for p in check_bundle(to_obs))
+    no_device = copy.deepcopy(data)
+    del _resources(no_device, "Media")[0]["device"]
+    assert any("Media.device.reference is missing" in p for p in check_bundle(no_device))
+
+    with pytest.raises(ConfigError, match="PNG"):
+        make_overlay(b"GIF89a....", "x")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        make_overlay(png[:40], "x")
+
+
+# -- the UI's report downloads (streamlit AppTest, the real API in-process) ----------------
+def _downloads_script() -> None:
+    import streamlit as st
+
+    from medlens.ui.downloads import downloads_panel
+
+    downloads_panel(
+        st.session_state["client"], st.session_state["result"], st.session_state["image"],
+        "chest.png",
+    )  # fmt: skip
+
+
+def test_ui_offers_markdown_pdf_and_fhir_downloads(
+    client: TestClient, settings: Settings, data_dir: Path
+) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    from medlens.ui.client import ApiClient
+    from medlens.ui.downloads import FORMATS, STATE_KEY, fetch_report
+
+    api = ApiClient("http://testserver")
+    api._http = client  # the FastAPI TestClient is an httpx.Client: the real app, no socket
+    image = (data_dir / CXR_PNG).read_bytes()
+    result = api.analyze(image, "chest.png", top_k=3)
+    at = AppTest.from_function(_downloads_script, default_timeout=600)
+    at.session_state["client"] = api
+    at.session_state["result"] = result
+    at.session_state["image"] = image
+    at.run()
+    assert not at.exception
+    assert [b.label for b in at.button] == ["Make report"]
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    key, files = at.session_state[STATE_KEY]
+    assert set(files) == {media for _, media, _ in FORMATS}
+    assert files["text/markdown"].startswith(b"# MedLens report")
+    assert files["application/pdf"].startswith(b"%PDF")
+    assert check_bundle(json.loads(files["application/fhir+json"])) == []
+    downloads = at.get("download_button")
+    assert [d.proto.label for d in downloads] == [label for label, _, _ in FORMATS]
+    # The report is of the analysis shown: same domain and number of findings.
+    md = files["text/markdown"].decode()
+    assert len(re.findall(r"^\| \d+ \|", md, flags=re.M)) >= len(result["findings"])
+    assert result["findings"][0]["name"] in md
+    at.run()  # a rerun shows the same files without asking the API again
+    assert at.session_state[STATE_KEY][0] == key and not at.button
+
+    with pytest.raises(Exception, match="Not acceptable"):
+        fetch_report(api, image, "chest.png", "text/csv")

@@ -120,6 +120,11 @@ class Settings:
     public_url: str | None = field(
         default_factory=lambda: (os.environ.get("MEDLENS_PUBLIC_URL") or "").rstrip("/") or None
     )
+    # Reports (docs/reports.md): an OpenAI-compatible endpoint that rewrites the narrative
+    # for readability; a rewrite is kept only when grounded, else the template (with a note).
+    llm_url: str | None = field(default_factory=lambda: os.environ.get("MEDLENS_LLM_URL") or None)
+    llm_model: str = field(default_factory=lambda: os.environ.get("MEDLENS_LLM_MODEL", "default"))
+    llm_timeout_s: float = field(default_factory=lambda: _env_int("MEDLENS_LLM_TIMEOUT_S", 10))
     # Audit trail: SQLite under home by default; any SQLAlchemy URL (postgresql+psycopg://...).
     db_url: str | None = field(default_factory=lambda: os.environ.get("MEDLENS_DB_URL") or None)
     # HMAC key of the audit chain; unset: a 0600 key file under home, made on first use.

@@ -13,8 +13,13 @@ anything else            406 problem JSON naming the supported types
 
 Like ``/v1/analyze`` it takes the key, runs in the worker pool and writes the analysis
 to the audit trail before answering; the audit record's output adds a ``report``
-object (format, media type, SHA-256 of the bytes sent), so the trail says which report
-was produced from which analysis. The record id is in ``X-Audit-ID``.
+object (format, media type, SHA-256 of the bytes sent, whether the narrative is the
+template or a checked language-model rewrite and why a rewrite was refused, the ids of the
+similar past reports shown), so the trail says which report was produced from which
+analysis. The record id is in ``X-Audit-ID``.
+
+The report is made by ``medlens.report.compose.compose_report`` (similar past reports
+for chest X-rays; the narrative rewrite when MEDLENS_LLM_URL is set).
 """
 
 # No ``from __future__ import annotations``: the form's domain type is built per app.
@@ -83,12 +88,14 @@ def _report_job(
     svc: Service, raw: bytes, form: AnalysisForm, media: str, key_id: str, request_id: str
 ) -> bytes:
     """Runs in a pool thread: decode → analyze → report → render → audit."""
-    from medlens.report import build_report, render
+    from medlens.report import render
+    from medlens.report.compose import compose_report
 
     lens = svc.lens
     decoded = lens.decode(raw, form.image.filename)
     analysis = lens.analyze(decoded, symptoms=form.symptoms, domain=form.domain, top_k=form.top_k)
-    report = build_report(analysis)
+    # A first build of the similar-report index runs in the background, not in the request.
+    report = compose_report(analysis, settings=svc.settings, wait_for_index=False)
     fmt = ACCEPTED[media]
     if fmt == "json":
         body = json.dumps(report.to_dict(), ensure_ascii=False).encode()
@@ -107,7 +114,13 @@ def _report_job(
         "media_type": media,
         "sha256": hashlib.sha256(body).hexdigest(),
         "report_version": report.report_version,
+        "narrative": "rewrite"
+        if report.rewrite is not None and report.rewrite.accepted
+        else "template",
+        "similar_reports": [r.source_id for r in report.evidence.similar_reports],
     }
+    if report.rewrite is not None and not report.rewrite.accepted:
+        sent["narrative_rejected_because"] = list(report.rewrite.reasons)
     audit(
         svc,
         {**analysis.to_dict(), "report": sent},

@@ -47,7 +47,8 @@ def report(
     if not path.exists():
         raise ConfigError(f"{path} does not exist")
     from medlens.pipeline import MedLens
-    from medlens.report import build_report, render
+    from medlens.report import render
+    from medlens.report.compose import compose_report
 
     lens = MedLens(model=model, settings=settings)
     if path.is_dir():
@@ -55,7 +56,10 @@ def report(
         return
     decoded = lens.decode(path)
     analysis = lens.analyze(decoded, domain=domain, symptoms=symptoms, top_k=top_k)
-    data = render(build_report(analysis), fmt, decoded)
+    report_ = compose_report(analysis, settings=settings)
+    if report_.rewrite is not None:
+        err.print(report_.rewrite.note)  # rewritten and checked, or why the template is shown
+    data = render(report_, fmt, decoded)
     if out is None and fmt == "pdf":
         out = Path(f"{path.stem}-report.pdf")
     if out is None:
@@ -72,7 +76,8 @@ def _report_folder(
     lens: Any, folder: Path, out: Path | None, *, domain: str, symptoms: str | None, top_k: int
 ) -> None:
     """One PDF and one FHIR Bundle per image, and summary.csv, under ``out``."""
-    from medlens.report import build_report, render
+    from medlens.report import render
+    from medlens.report.compose import compose_report
 
     files = image_files(folder)
     out = out or Path(f"medlens-reports-{folder.name}")
@@ -87,7 +92,7 @@ def _report_folder(
             try:
                 decoded = lens.decode(f)
                 a = lens.analyze(decoded, domain=domain, symptoms=symptoms, top_k=top_k)
-                report = build_report(a)
+                report = compose_report(a, settings=lens.settings)
                 target = out / rel.parent / rel.stem
                 target.parent.mkdir(parents=True, exist_ok=True)
                 Path(f"{target}.pdf").write_bytes(render(report, "pdf", decoded))

@@ -3,6 +3,8 @@
 ``build_report`` makes the ``Report`` (model.py); renderers turn it into Markdown
 (markdown.py), a one-page PDF (pdf.py) or a FHIR R4B Bundle with its structural check
 (fhir.py). fpdf2 and fhir.resources are imported by those modules only.
+``compose.compose_report`` is what the CLI and API call: the report plus similar past
+reports (chest X-rays) and, with MEDLENS_LLM_URL, a grounded rewrite of the narrative.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ The Bundle (type ``collection``) holds:
   ``interpretation``, ``device`` → the model;
 * ``Device``: the model (name, version = encoder fingerprint, calibration id);
 * ``Provenance``: the Device produced the report and the Observations from the input
-  (by its SHA-256).
+  (by its SHA-256);
+* ``Media`` (when the report carries an explanation overlay): the heatmap PNG inline,
+  ``DiagnosticReport.media`` links to it, ``device`` → the model.
 
 Every resource carries ``meta.security`` AIAST (HL7 v3 ObservationValue "artificial
 intelligence asserted"), as the HL7 AI Transparency on FHIR guide proposes. There is no
@@ -20,12 +22,14 @@ Patient and no ``subject``: a MedLens report carries no patient identifiers.
 ``fhir.resources`` checks datatypes and cardinalities but no profiles, so
 ``check_bundle`` adds what a receiving system relies on: required elements, the code
 system URIs, ICD-10-CM codes that exist (``medlens.knowledge.codes``), well-formed
-SNOMED CT ids, and literal references that resolve inside the Bundle.
+SNOMED CT ids, literal references that resolve inside the Bundle, and Media that are
+linked from the DiagnosticReport and hold a decodable image matching its hash.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import uuid
 from collections.abc import Iterator
@@ -48,13 +52,15 @@ V3_OBSERVATION_VALUE = "http://terminology.hl7.org/CodeSystem/v3-ObservationValu
 V3_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 PROVENANCE_AGENT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+MEDIA_TYPE = "http://terminology.hl7.org/CodeSystem/media-type"
+OVERLAY_HASH = "urn:medlens:overlay-sha256"
 DICOM_UID = "urn:dicom:uid"
 INPUT_HASH = "urn:medlens:input-sha256"
 
 # Every code system a MedLens Bundle may use; anything else is a mistake.
 SYSTEMS = frozenset(
     {SNOMED, ICD10CM, LOINC, UCUM, V3_OBSERVATION_VALUE, V3_INTERPRETATION, OBS_CATEGORY,
-     PROVENANCE_AGENT}
+     PROVENANCE_AGENT, MEDIA_TYPE}
 )  # fmt: skip
 AIAST = {
     "system": V3_OBSERVATION_VALUE,
@@ -86,8 +92,41 @@ def _finding_code(f: Any) -> dict[str, Any]:
     return {"coding": codings, "text": f.name}
 
 
+def _media(report: Report, device_url: str, when: str) -> dict[str, Any] | None:
+    """The explanation overlay as a Media resource (PNG inline), or None."""
+    o = report.evidence.overlay
+    if o is None:
+        return None
+    return {
+        "resourceType": "Media",
+        "id": _uuid(report, "media", o.sha256),
+        "meta": _meta(),
+        "identifier": [{"system": OVERLAY_HASH, "value": o.sha256}],
+        "status": "completed",
+        "type": {"coding": [{"system": MEDIA_TYPE, "code": "image", "display": "Image"}]},
+        "createdDateTime": when,
+        "device": {"reference": device_url},
+        "width": o.width,
+        "height": o.height,
+        "content": {
+            "contentType": "image/png",
+            "data": base64.b64encode(o.png).decode(),
+            # FHIR Attachment.hash is the base64 SHA-1 of the data.
+            "hash": base64.b64encode(hashlib.sha1(o.png).digest()).decode(),
+            "size": len(o.png),
+            "title": o.title,
+        },
+        "note": [{"text": "Explanation heatmap computed by an AI model; not a finding."}],
+    }
+
+
 def _xhtml(report: Report) -> str:
-    paras = "".join(f"<p>{html.escape(s.text)}</p>" for s in report.narrative)
+    if report.rewrite is not None and report.rewrite.accepted and report.rewrite.text:
+        paras = f"<p>{html.escape(report.rewrite.text)}</p>"
+    else:
+        paras = "".join(f"<p>{html.escape(s.text)}</p>" for s in report.narrative)
+    if report.rewrite is not None:
+        paras += f"<p><i>{html.escape(report.rewrite.note)}</i></p>"
     disclaimer = f"<p><b>{html.escape(report.disclaimer)}</b></p>"
     return f'<div xmlns="http://www.w3.org/1999/xhtml">{paras}{disclaimer}</div>'
 
@@ -185,12 +224,20 @@ def to_fhir_json(report: Report, *, recorded: datetime | None = None) -> dict[st
     }
     if study:
         diagnostic["imagingStudy"] = [study]
+    media = _media(report, device_url, when)
+    media_url = f"urn:uuid:{media['id']}" if media else None
+    if media:
+        diagnostic["media"] = [
+            {"comment": media["content"]["title"], "link": {"reference": media_url}}
+        ]
 
     provenance = {
         "resourceType": "Provenance",
         "id": _uuid(report, "provenance"),
         "meta": _meta(),
-        "target": [{"reference": report_url}] + [{"reference": u} for u, _ in observations],
+        "target": [{"reference": report_url}]
+        + [{"reference": u} for u, _ in observations]
+        + ([{"reference": media_url}] if media_url else []),
         "recorded": when,
         "agent": [
             {
@@ -209,6 +256,8 @@ def to_fhir_json(report: Report, *, recorded: datetime | None = None) -> dict[st
         ],
     }
     entries = [(report_url, diagnostic), *observations, (device_url, device)]
+    if media and media_url:
+        entries.append((media_url, media))
     entries.append((f"urn:uuid:{provenance['id']}", provenance))
     return {
         "resourceType": "Bundle",
@@ -264,12 +313,14 @@ REQUIRED_RESOURCES: dict[str, tuple[int, int | None]] = {  # (at least, at most)
     "Observation": (1, None),  # one per reported finding
     "Device": (1, 1),  # the model
     "Provenance": (1, None),
+    "Media": (0, None),  # one per explanation overlay, each linked from DiagnosticReport.media
 }
 REQUIRED: dict[str, tuple[str, ...]] = {
     "DiagnosticReport": ("code.coding", "result", "conclusion"),
     "Observation": ("status", "interpretation", "device.reference"),
     "Device": ("version.value", "deviceName"),
     "Provenance": ("target", "recorded", "agent"),
+    "Media": ("status", "content.contentType", "content.data", "device.reference"),
 }
 
 
@@ -280,6 +331,40 @@ def _at(node: Any, path: str) -> Any:
             node = node[0] if node else None
         node = node.get(part) if isinstance(node, dict) else None
     return node
+
+
+def _check_media(by_type: dict[str, list[tuple[str, dict[str, Any]]]]) -> list[str]:
+    """Media: a PNG/JPEG image whose data decodes and matches its hash, linked from the
+    DiagnosticReport; every DiagnosticReport.media link points at a Media."""
+    problems: list[str] = []
+    media = dict(by_type.get("Media", []))
+    linked: set[str] = set()
+    for url, r in by_type.get("DiagnosticReport", []):
+        for i, m in enumerate(r.get("media") or []):
+            ref = ((m or {}).get("link") or {}).get("reference")
+            if not ref:
+                problems.append(f"{url}: DiagnosticReport.media[{i}].link has no reference")
+            elif ref in media:
+                linked.add(ref)
+            else:
+                problems.append(f"{url}: DiagnosticReport.media[{i}] does not link to a Media")
+    for url, m in media.items():
+        if url not in linked:
+            problems.append(f"{url}: Media is not linked from DiagnosticReport.media")
+        content = m.get("content") or {}
+        if content.get("contentType") not in ("image/png", "image/jpeg"):
+            problems.append(f"{url}: Media.content.contentType must be image/png or image/jpeg")
+        try:
+            data = base64.b64decode(content.get("data") or "", validate=True)
+        except (ValueError, TypeError):
+            problems.append(f"{url}: Media.content.data is not base64")
+            continue
+        if not data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")):
+            problems.append(f"{url}: Media.content.data is not a PNG or JPEG image")
+        sha1 = base64.b64encode(hashlib.sha1(data).digest()).decode()
+        if content.get("hash") and content["hash"] != sha1:
+            problems.append(f"{url}: Media.content.hash does not match its data")
+    return problems
 
 
 def check_bundle(bundle: Any) -> list[str]:
@@ -337,6 +422,7 @@ def check_bundle(bundle: Any) -> list[str]:
         v = (o.get("valueQuantity") or {}).get("value")
         if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v <= 1:
             problems.append(f"{url}: Observation.valueQuantity.value must be a probability")
+    problems += _check_media(by_type)
     for url, res in urls.items():
         if not _has_aiast(res):
             problems.append(f"{url}: meta.security lacks AIAST ({V3_OBSERVATION_VALUE})")

@@ -60,11 +60,19 @@ def to_markdown(report: Report) -> str:
         "",
         "## Narrative",
         "",
-        r.narrative_text,
-        "",
-        "## Evidence",
+        r.narrative_shown,
         "",
     ]
+    if r.rewrite is not None:
+        lines += [f"_{r.rewrite.note}_", ""]
+    lines += ["## Evidence", ""]
+    if r.evidence.overlay is not None:
+        o = r.evidence.overlay
+        lines += [
+            f"Heatmap: {o.title} ({o.width}×{o.height} PNG, SHA-256 `{o.sha256[:16]}…`; "
+            "in the PDF and as a FHIR Media).",
+            "",
+        ]
     if r.evidence.passages:
         lines.append("Knowledge passages:")
         lines.append("")
@@ -81,6 +89,17 @@ def to_markdown(report: Report) -> str:
                 f"(similarity {c.similarity:.2f})"
             )
         lines.append("")
+    if r.evidence.similar_reports:
+        lines.append("Reports of similar studies (nearest past reports by text; not this patient):")
+        lines.append("")
+        for sr in r.evidence.similar_reports:
+            said = " ".join(x for x in (sr.impression, sr.findings) if x) or "(no text)"
+            lines.append(
+                f"- {sr.dataset} {sr.source_id} (similarity {sr.similarity:.2f}): {_cell(said)}"
+            )
+        lines.append("")
+    elif r.evidence.similar_reports_note:
+        lines += [f"_{r.evidence.similar_reports_note}_", ""]
     if r.evidence.note:
         lines += [f"_{r.evidence.note}_", ""]
     lines += ["## Limitations", ""]

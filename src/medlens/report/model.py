@@ -36,11 +36,15 @@ __all__ = [
     "EvidencePassage",
     "Impression",
     "Indication",
+    "Overlay",
     "Report",
     "ReportFinding",
+    "Rewrite",
     "Sentence",
+    "SimilarReport",
     "Technique",
     "build_report",
+    "make_overlay",
 ]
 
 
@@ -108,10 +112,40 @@ class EvidenceCase(_Model):
     similarity: float
 
 
+class SimilarReport(_Model):
+    """A past report of a similar study (IU X-ray, Open-i), nearest by text."""
+
+    source_id: str  # the report's id in its dataset, e.g. "CXR1234"
+    dataset: str
+    impression: str | None
+    findings: str | None
+    similarity: float
+
+
+class Overlay(_Model):
+    """An explanation heatmap drawn over the image (PNG), e.g. Grad-CAM for a finding.
+
+    ``png`` travels as base64 in the report's JSON."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64"
+    )
+
+    png: bytes
+    title: str
+    finding_id: str | None = None
+    width: int
+    height: int
+    sha256: str
+
+
 class Evidence(_Model):
     passages: tuple[EvidencePassage, ...]
     similar_cases: tuple[EvidenceCase, ...]
     note: str | None
+    similar_reports: tuple[SimilarReport, ...] = ()
+    similar_reports_note: str | None = None  # why there are none, when there are none
+    overlay: Overlay | None = None
 
 
 class Sentence(_Model):
@@ -119,6 +153,15 @@ class Sentence(_Model):
 
     text: str
     fields: tuple[str, ...]
+
+
+class Rewrite(_Model):
+    """What became of a language model's rewrite of the narrative (``report.llm``)."""
+
+    accepted: bool
+    text: str | None  # the rewrite shown instead of the template; None when not accepted
+    note: str  # one line for the reader: rewritten and checked, or why the template is shown
+    reasons: tuple[str, ...] = ()  # why it was rejected (grounding problems, time-out, ...)
 
 
 class Report(_Model):
@@ -133,10 +176,19 @@ class Report(_Model):
     limitations: tuple[str, ...]
     disclaimer: str
     narrative: tuple[Sentence, ...]
+    rewrite: Rewrite | None = None
 
     @property
     def narrative_text(self) -> str:
+        """The template narrative (what the grounding check compares against)."""
         return " ".join(s.text for s in self.narrative)
+
+    @property
+    def narrative_shown(self) -> str:
+        """The narrative a reader sees: an accepted rewrite, else the template."""
+        if self.rewrite is not None and self.rewrite.accepted and self.rewrite.text:
+            return self.rewrite.text
+        return self.narrative_text
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -200,13 +252,50 @@ def _reported(a: Analysis) -> list[ReportFinding]:
     ]
 
 
-def build_report(analysis: Analysis | dict[str, Any], *, study_uid: str | None = None) -> Report:
+def make_overlay(png: bytes, title: str, finding_id: str | None = None) -> Overlay:
+    """An ``Overlay`` from PNG bytes; ConfigError when they are not a readable PNG."""
+    import hashlib
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(png, bytes | bytearray) or not bytes(png).startswith(b"\x89PNG\r\n\x1a\n"):
+        raise ConfigError("an overlay must be a PNG image")
+    try:
+        with Image.open(io.BytesIO(png)) as img:
+            img.verify()
+            width, height = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ConfigError(f"the overlay PNG cannot be read: {exc}") from None
+    return Overlay(
+        png=bytes(png),
+        title=title,
+        finding_id=finding_id,
+        width=width,
+        height=height,
+        sha256=hashlib.sha256(png).hexdigest(),
+    )
+
+
+def build_report(
+    analysis: Analysis | dict[str, Any],
+    *,
+    study_uid: str | None = None,
+    overlay: Overlay | None = None,
+    similar_reports: tuple[SimilarReport, ...] = (),
+    similar_reports_note: str | None = None,
+) -> Report:
     """The report of one analysis (an ``Analysis`` or its ``to_dict()`` JSON).
 
     ``study_uid``: the DICOM Study Instance UID to link the report to (FHIR
     ``imagingStudy``). Analyses never carry it (UIDs are kept with the identifiers, not
     the context), so a caller that holds the identifiers and files the report into the
     site's record passes it explicitly.
+
+    ``overlay``: an explanation heatmap (``make_overlay``) shown in the PDF and filed as a
+    FHIR Media. ``similar_reports``: past reports of similar studies
+    (``report.compose.similar_reports``), with ``similar_reports_note`` saying why there
+    are none when there are none. Analyses carry neither; the caller adds them.
 
     ConfigError for a failed analysis, another schema version or invalid JSON.
     """
@@ -295,6 +384,9 @@ def build_report(analysis: Analysis | dict[str, Any], *, study_uid: str | None =
             for c in a.similar_cases
         ),
         note=a.context_note,
+        similar_reports=tuple(similar_reports),
+        similar_reports_note=similar_reports_note,
+        overlay=overlay,
     )
     limitations = _limitations(a, domain_name, task, domain_score)
     narrative = _narrative(indication, technique, findings, impression, recommendation, task)

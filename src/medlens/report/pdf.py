@@ -77,7 +77,8 @@ def to_pdf(report: Report, image: DecodedImage | np.ndarray | None = None) -> by
     pdf.ln(2)
 
     top = pdf.get_y()
-    thumb_w = 62.0
+    overlay = r.evidence.overlay
+    thumb_w = 40.0 if overlay is not None else 62.0
     if image is not None:
         thumb = _thumbnail(image)
         buf = io.BytesIO()
@@ -90,9 +91,23 @@ def to_pdf(report: Report, image: DecodedImage | np.ndarray | None = None) -> by
         pdf.set_font(family, "", 9)
         pdf.multi_cell(thumb_w, 5, text("(image not supplied)"), border=1, align="C")
         img_bottom = pdf.get_y()
+    pictures_w = thumb_w
+    if overlay is not None:  # the explanation heatmap beside the image, same width
+        heat = Image.open(io.BytesIO(overlay.png)).convert("RGB")
+        heat.thumbnail((THUMB_PX, THUMB_PX))
+        buf = io.BytesIO()
+        heat.save(buf, format="PNG")
+        ox = pdf.l_margin + thumb_w + 2
+        h = thumb_w * heat.height / heat.width
+        pdf.image(buf, x=ox, y=top, w=thumb_w, h=h)
+        pdf.set_xy(ox, top + h + 0.5)
+        pdf.set_font(family, "", 6.5)
+        pdf.multi_cell(thumb_w, 3, text(overlay.title[:80]), align="C")
+        img_bottom = max(img_bottom, pdf.get_y())
+        pictures_w = 2 * thumb_w + 2
 
-    x = pdf.l_margin + thumb_w + 5
-    col = width - thumb_w - 5
+    x = pdf.l_margin + pictures_w + 5
+    col = width - pictures_w - 5
     pdf.set_xy(x, top)
     colour = _RISK_COLOUR[r.impression.triage_level]
     pdf.set_fill_color(*colour)
@@ -160,6 +175,13 @@ def to_pdf(report: Report, image: DecodedImage | np.ndarray | None = None) -> by
 
     section("Impression", r.impression.text)
     section("Recommendation", r.recommendation or "None given.")
+    if r.evidence.similar_reports:
+        lines = []
+        for sr in r.evidence.similar_reports:
+            said = " ".join(x for x in (sr.impression, sr.findings) if x) or "(no text)"
+            said = said if len(said) <= 170 else said[:167].rstrip() + "…"
+            lines.append(f"• {sr.dataset} {sr.source_id} ({sr.similarity:.2f}): {said}")
+        section("Reports of similar studies (past reports nearest by text)", "\n".join(lines), 7.5)
     section("Limitations", "\n".join(f"• {x}" for x in r.limitations), size=8.0)
 
     # The disclaimer sits in a box at the foot of the page, always.
