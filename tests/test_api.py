@@ -138,7 +138,7 @@ def test_health_ready_info(client: TestClient, lens: MedLens) -> None:
     info = client.get("/v1/info").json()
     assert info["domains"] == list(domains()) and info["auth_required"] is False
     assert info["capabilities"] == {
-        "analyze": True, "search": False, "explain": False, "report": True
+        "analyze": True, "search": False, "explain": True, "report": True
     }  # fmt: skip
     assert "/v1/analyze" in client.get("/openapi.json").json()["paths"]
 

@@ -225,3 +225,324 @@ def test_cli_bad_input_is_one_line_and_exit_2(data_dir, args, error):
     assert "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert error in res.stderr
+
+
+# -- the shared explanation and its cache -------------------------------------------------
+def test_explain_image_explains_the_probability_analyze_reports(data_dir):
+    from medlens.explain import explanation
+    from medlens.pipeline import MedLens
+
+    lens = MedLens(retrieval=False)
+    explanation.clear_cache()
+    ex = explanation.explain_image(lens, data_dir / SKIN)
+    a = lens.analyze(data_dir / SKIN)
+    top = a.findings[0]
+    assert ex.saliency.target == top.id
+    assert ex.finding_probability == pytest.approx(float(top.probability), abs=1e-6)
+    d = ex.to_dict()
+    assert d["top_findings"][0]["id"] == top.id and d["concepts"]
+    # the second call is served from the cache: the very same map object
+    again = explanation.explain_image(lens, data_dir / SKIN, analysis=a)
+    assert again.saliency is ex.saliency
+    key = explanation.cache_key("h", "fp", ex.pack, "text", None, "blue-white veil")
+    assert "blue-white veil" not in "".join(key)
+    maps = explanation.attach_maps(lens, a, data_dir / SKIN, top=3)
+    assert [m["target"] for m in maps] == [f.id for f in a.findings[:3]]
+
+
+# -- POST /v1/explain ---------------------------------------------------------------------
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory, data_dir):
+    from fastapi.testclient import TestClient
+
+    from medlens.api.app import create_app
+    from medlens.config import Settings
+    from medlens.pipeline import MedLens
+
+    s = Settings(home=tmp_path_factory.mktemp("explain_api"), data=data_dir, api_timeout_s=600)
+    app = create_app(s, lens=MedLens(settings=s), load_in_background=False)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        c.settings = s
+        yield c
+
+
+def _explain(c, path, headers=None, **data):
+    return c.post(
+        "/v1/explain",
+        files={"image": (path.name, path.read_bytes())},
+        data=data,
+        headers=headers or {},
+    )
+
+
+def _problem(r, status: int) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith(PROBLEM)
+    body = r.json()
+    assert body["status"] == status and body["detail"] and "Traceback" not in r.text
+    return body
+
+
+def test_api_announces_explain(api):
+    assert api.get("/v1/info").json()["capabilities"]["explain"] is True
+    assert "/v1/explain" in api.get("/openapi.json").json()["paths"]
+
+
+def test_api_json_for_the_top_finding_matches_analyze(api, data_dir):
+    from medlens.audit import AuditLog
+
+    r = _explain(api, data_dir / SKIN)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    d = r.json()
+    e = d["explanation"]
+    h, w = e["grid_shape"]
+    assert len(e["grid"]) == h and len(e["grid"][0]) == w and d["domain"] == "dermatology"
+    a = api.post("/v1/analyze", files={"image": ("x.jpg", (data_dir / SKIN).read_bytes())}).json()
+    assert e["target"] == a["findings"][0]["id"]
+    assert d["finding_probability"] == pytest.approx(a["findings"][0]["probability"], abs=1e-4)
+    rec = AuditLog.from_settings(api.settings).get(r.headers["X-Audit-ID"])
+    assert rec is not None and rec.output["explanation"]["target"] == e["target"]
+    assert rec.output["explanation"]["media_type"] == "application/json"
+
+
+def test_api_png_overlay_and_gradcam(api, data_dir):
+    import io
+
+    r = _explain(
+        api, data_dir / HAM, headers={"Accept": "image/png"}, finding="melanoma", method="gradcam"
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(r.content)) as im:
+        assert im.format == "PNG" and im.width > 200
+    tex = _explain(api, data_dir / HAM, headers={"Accept": "image/png"}, query="$\\frac{a$ 🙂")
+    assert tex.status_code == 200, tex.text  # mathtext and emoji in a title are plain text
+    faint = _explain(api, data_dir / HAM, headers={"Accept": "image/*"}, alpha="0.1")
+    assert faint.status_code == 200 and faint.headers["content-type"] == "image/png"
+
+
+def test_api_query_in_another_script_and_no_echo_in_the_audit(api, data_dir):
+    from medlens.audit import AuditLog
+
+    r = _explain(api, data_dir / SKIN, query="蓝白色幕")
+    assert r.status_code == 200, r.text
+    e = r.json()["explanation"]
+    assert e["target"] == "query" and np.isfinite(np.array(e["grid"])).all()
+    rec = AuditLog.from_settings(api.settings).get(r.headers["X-Audit-ID"])
+    assert "蓝白色幕" not in json.dumps(rec.output, ensure_ascii=False)
+    assert len(rec.output["explanation"]["query_sha256"]) == 64
+
+
+def test_api_chest_xray_finding(api, data_dir):
+    cxr = load_domain("chest_xray")
+    r = _explain(api, data_dir / CXR, finding=cxr.finding_ids[0])
+    assert r.status_code == 200, r.text
+    assert r.json()["domain"] == "chest_xray"
+
+
+@pytest.mark.parametrize(
+    "data, status",
+    [
+        ({"finding": "not_a_finding"}, 400),
+        ({"query": ""}, 400),
+        ({"query": "   "}, 400),
+        ({"query": "x" * 10_000}, 422),
+        ({"query": "veil\x00\x01"}, 422),
+        ({"finding": "melanoma", "query": "veil"}, 400),
+        ({"query": "veil", "method": "gradcam"}, 400),
+        ({"method": "lime"}, 422),
+        ({"alpha": "2"}, 422),
+        ({"finding": "melanoma", "domain": "chest_xray"}, 400),
+    ],
+)
+def test_api_bad_targets_are_clear_4xx(api, data_dir, data, status):
+    _problem(_explain(api, data_dir / SKIN, **data), status)
+
+
+def test_api_bad_uploads_and_accept(api, data_dir):
+    r = api.post("/v1/explain", files={"image": ("notes.txt", b"just some text " * 10)})
+    _problem(r, 415)
+    _problem(api.post("/v1/explain", files={"image": ("e.png", b"")}), 400)
+    png = (data_dir / CXR).read_bytes()
+    _problem(api.post("/v1/explain", files={"image": ("cut.png", png[: len(png) // 3])}), 422)
+    _problem(api.post("/v1/explain", json={"image": "x"}), 415)
+    _problem(_explain(api, data_dir / SKIN, headers={"Accept": "application/pdf"}), 406)
+
+
+# -- the benchmarks -----------------------------------------------------------------------
+def _bench(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_deletion_batches_and_curve_auc():
+    import torch
+
+    q = _bench("explain_quality")
+    assert q.curve_auc(np.ones(5)) == pytest.approx(1.0)
+    assert q.curve_auc(np.linspace(1, 0, 11)) == pytest.approx(0.5)
+    x = torch.arange(2 * 2 * 3, dtype=torch.float32).reshape(1, 2, 2, 3) + 1
+    order = np.array([5, 0, 3, 1, 2, 4])
+    b = q.perturbation_batch(x, order, 3, x, torch.zeros_like(x))
+    assert b.shape == (4, 2, 2, 3)
+    assert torch.equal(b[0], x[0]) and (b[3] == 0).all()
+    flat = b[1].reshape(2, 6)
+    assert (flat[:, [5, 0]] == 0).all() and (flat[:, [3, 1, 2, 4]] > 0).all()
+    # insertion: from a start image, the first pixels of the order come from the input
+    ins = q.perturbation_batch(x, order, 3, torch.zeros_like(x), x)
+    assert (ins[0] == 0).all() and torch.equal(ins[3], x[0])
+    # the criteria map to the pack's concepts
+    assert set(q.CRITERIA) == {c.id for c in load_domain("dermatology").domain.concepts}
+
+
+@pytest.mark.slow
+def test_explain_quality_script_smoke(tmp_path, data_dir):
+    out, js = tmp_path / "q.md", tmp_path / "q.json"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/explain_quality.py",
+            "--limit",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--json",
+            str(js),
+        ],
+        cwd=_bench("explain_quality").ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    d = json.loads(js.read_text())
+    assert [f["dataset"] for f in d["faithfulness"]] == ["isic2018", "pneumoniamnist"]
+    for f in d["faithfulness"]:
+        assert f["n"] == 2 and f["steps"] == 2
+        for curve in ("deletion", "insertion"):
+            for m in ("random", "text", "gradcam"):
+                assert 0.0 <= f[curve][m]["mean"] <= 1.0
+    assert len(d["concepts"]["criteria"]) == 7 and d["localisation"]["n"] == 2
+    md = out.read_text()
+    assert "python benchmarks/explain_quality.py --limit 2 --steps 2" in md
+    for section in ("Faithfulness", "Prompt sensitivity", "Concept detection", "Localisation"):
+        assert section in md
+
+
+@pytest.mark.slow
+def test_explain_latency_script_smoke(tmp_path, data_dir):
+    out = tmp_path / "lat.json"
+    res = subprocess.run(
+        [sys.executable, "benchmarks/explain_latency.py", "--smoke", "--out", str(out)],
+        cwd=_bench("explain_quality").ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    d = json.loads(out.read_text())
+    for kind in ("skin", "chest"):
+        r = d["images"][kind]
+        assert r["p50_ms"]["analyze"] > 0 and r["ratio_p50"]["analyze + maps"] > 0
+
+
+# -- Grad-CAM for an open_clip ViT tower (tiny, randomly initialised, built here) ---------
+TINY_VIT = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+    import open_clip
+    import torch
+
+    from medlens.models.open_clip_encoder import OpenClipEncoder
+
+    cfg_dir = tmp_path_factory.mktemp("explain_open_clip_configs")
+    (cfg_dir / "medlens-explain-tiny-vit.json").write_text(json.dumps(TINY_VIT))
+    open_clip.add_model_config(cfg_dir)
+    torch.manual_seed(0)
+    return OpenClipEncoder("medlens-explain-tiny-vit")  # random weights, no download
+
+
+def test_vit_reshape_drops_the_class_token():
+    import torch
+
+    t = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)  # cls + 2x2 patches
+    out = saliency.vit_reshape((2, 2))(t)
+    assert out.shape == (2, 3, 2, 2)
+    assert torch.equal(out[0, :, 0, 1], t[0, 2])  # patch 1 = token 2 (token 0 is cls)
+    lnd = saliency.vit_reshape((2, 2), batch_first=False)(t.transpose(0, 1))
+    assert torch.equal(lnd, out)
+
+
+def test_vit_gradcam_targets_the_scoring_logit_and_differs_per_finding(tiny_vit, derm, data_dir):
+    import torch
+    from PIL import Image as PILImage
+
+    enc = tiny_vit
+    assert saliency.is_open_clip_vit(enc) and not saliency.is_open_clip_vit(load_encoder("lite"))
+    px = load_image(data_dir / HAM).pixels  # 150 x 200: the crop is the centre square
+    cls = zeroshot.finding_embeddings(enc, derm)
+    model = saliency.EmbeddingLogits(enc.model.visual, cls, None, enc.logit_scale)
+    with torch.no_grad():
+        z = model(enc.preprocess(PILImage.fromarray(px))[None]).numpy()
+    np.testing.assert_allclose(
+        z, scoring.finding_logits(enc, derm, enc.embed_images([px])), rtol=1e-4, atol=1e-4
+    )
+    a = saliency.explain(enc, px, derm, finding="melanoma", method="gradcam")
+    b = saliency.explain(enc, px, derm, finding="vitiligo", method="gradcam")
+    for s in (a, b):
+        # random weights: the positive part of a CAM may be empty (then the map is zero)
+        assert s.map.shape == px.shape[:2] and np.isfinite(s.map).all()
+        assert s.map.min() >= 0.0 and s.map.max() <= 1.0
+        assert s.grid.shape == (4, 4) and np.isfinite(s.grid).all() and s.grid.any()
+        assert (s.map[:, :25] == 0).all() and (s.map[:, -25:] == 0).all()  # outside the crop
+    assert saliency.rank_correlation(a.grid, b.grid) < 0.999  # one map per target
+    assert all(p.grad is None for p in enc.model.parameters())
+    with pytest.raises(ConfigError, match="lite"):
+        saliency.explain(enc, px, derm, finding="melanoma", method="text")
+
+
+def test_api_dicom_is_explained_in_its_own_geometry_without_identifiers(api, data_dir):
+    from medlens.io import load_image as decode
+
+    path = data_dir / "cxr-samples/Fake_MONOHR1.dcm"
+    r = _explain(api, path)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    decoded = decode(path)
+    assert d["input"]["shape"] == list(decoded.pixels.shape[:2])
+    values = [str(v) for v in decoded.identifiers.values.values() if len(str(v)) >= 4]
+    assert values and not any(v in r.text for v in values)
+
+
+def test_api_abstains_on_a_photo_of_a_cat_and_audits_it(api):
+    import io
+
+    from medlens.audit import AuditLog
+    from medlens.evaluation.ood_sets import build
+
+    cat = dict(build("natural_photos"))["chelsea.png"]
+    buf = io.BytesIO()
+    Image.fromarray(cat).save(buf, format="PNG")
+    r = api.post("/v1/explain", files={"image": ("cat.png", buf.getvalue())})
+    body = _problem(r, 422)
+    assert body["type"].endswith("out-of-domain")
+    rec = AuditLog.from_settings(api.settings).get(r.headers["X-Request-ID"])
+    assert rec is not None and rec.triage_level == "abstained"

@@ -3,6 +3,9 @@
 The test starts the API and the Streamlit UI itself on free loopback ports, uploads a
 real sample image, waits for the triage banner and the differential chart, saves
 build/artifacts/ui.png (docs/screenshots/ui.png is a copy) and stops both processes.
+A second test types a free-text query into the explanation panel, waits for its
+overlay, moves the opacity slider and saves build/artifacts/ui_explain.png
+(docs/screenshots/ui_explain.png is a copy).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ CHROMIUM_ARGS = [
 ]
 # A build artefact (build/ is git-ignored); docs/screenshots/ui.png is a copy.
 SCREENSHOT = Path(__file__).resolve().parents[1] / "build" / "artifacts" / "ui.png"
+EXPLAIN_SCREENSHOT = SCREENSHOT.with_name("ui_explain.png")
 SAMPLE = "isic2018-task3-test/images/ISIC_0034524.jpg"
 
 
@@ -104,7 +108,65 @@ def test_upload_analyze_screenshot(stack: dict, data_dir: Path) -> None:
     from medlens.audit import AuditLog
 
     log = AuditLog(f"sqlite:///{stack['home'] / 'audit.db'}")
-    assert log.count() == 1 and log.list(1)[0].input_format == "jpeg"
+    # one analysis; the explanation panel's map for the top finding is audited apart
+    analyses = [r for r in log.list(50) if "explanation" not in r.output]
+    assert len(analyses) == 1 and analyses[0].input_format == "jpeg"
+
+
+@pytest.mark.slow
+def test_overlay_for_a_typed_query(stack: dict, data_dir: Path) -> None:
+    """Upload, analyze, type "blue-white veil": the panel shows the query's map over the
+    image; the opacity slider re-blends it (a new image, no new request needed)."""
+    chromium = _require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    from medlens.ui.overlay import QUERY_LABEL
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            page.goto(stack["ui"], wait_until="domcontentloaded")
+            expect(
+                page.get_by_text("Decision support only — not a diagnosis.", exact=True)
+            ).to_be_visible(timeout=60_000)
+            page.locator("input[type=file]").set_input_files(str(data_dir / SAMPLE))
+            page.get_by_role("button", name="Analyze").click()
+            expect(page.locator(".st-key-ml-triage")).to_contain_text("Triage:", timeout=60_000)
+            expect(page.get_by_text("Where the model looked", exact=True)).to_be_visible(
+                timeout=60_000
+            )
+            overlay = page.locator(".st-key-ml-explain-overlay")
+            expect(overlay.locator("img").first).to_be_visible(timeout=120_000)  # top finding
+            box = page.get_by_role("textbox", name=QUERY_LABEL)
+            box.fill("blue-white veil")
+            box.press("Enter")
+            expect(overlay).to_contain_text('query "blue-white veil"', timeout=120_000)
+            img = overlay.locator("img").first
+            expect(img).to_be_visible()
+            before = img.get_attribute("src")
+            slider = page.get_by_role("slider", name="Overlay opacity")
+            slider.focus()
+            slider.press("End")  # opacity 1.0: the map alone
+            expect(slider).to_have_attribute("aria-valuetext", "1.00", timeout=30_000)
+            expect(img).not_to_have_attribute("src", before or "", timeout=60_000)
+            slider.press("Home")
+            for _ in range(6):  # back to 0.30 for the screenshot
+                slider.press("ArrowRight")
+            expect(overlay).to_contain_text('query "blue-white veil"')
+            page.wait_for_timeout(1000)
+            overlay.scroll_into_view_if_needed()
+            EXPLAIN_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(EXPLAIN_SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+    assert EXPLAIN_SCREENSHOT.stat().st_size > 20_000
+    from medlens.audit import AuditLog
+
+    log = AuditLog(f"sqlite:///{stack['home'] / 'audit.db'}")
+    explained = [r.output.get("explanation") for r in log.list(50)]
+    assert any(e and e["target"] == "query" for e in explained)
+    assert all("blue-white veil" not in str(r.output) for r in log.list(50))
 
 
 def test_screenshot_is_not_a_tracked_file() -> None:

@@ -671,9 +671,14 @@ def create_app(
 
     docs.install(app)
     app.include_router(build_router(domains()))
+    from medlens.api.explain import build_explain_router  # POST /v1/explain
     from medlens.api.report import build_report_router  # POST /v1/report
 
-    extra_routers = ((build_report_router(domains()), "report"), *extra_routers)
+    extra_routers = (
+        (build_report_router(domains()), "report"),
+        (build_explain_router(domains()), "explain"),
+        *extra_routers,
+    )
     for router, capability in extra_routers:
         app.include_router(router)
         svc.capabilities[capability] = True

@@ -17,49 +17,13 @@ from medlens.config import Settings
 from medlens.errors import ConfigError
 
 
-def _pack_for(lens: Any, emb: Any, domain: str, finding: str | None) -> Any:
-    """The pack to explain in: given, the one holding ``finding``, else detected."""
-    from medlens.analysis import domain as domain_mod
-    from medlens.knowledge import domains, load_domain
-
-    if domain != "auto":
-        if domain not in domains():
-            raise ConfigError(
-                f"unknown domain {domain!r}; choose one of {', '.join(('auto', *domains()))}"
-            )
-        return load_domain(domain)
-    if finding is not None:
-        holders = [d for d in domains() if finding in load_domain(d).finding_ids]
-        if not holders:
-            raise ConfigError(
-                f"unknown finding {finding!r}: no knowledge pack has it "
-                "(`medlens analyze --json` lists the finding ids)"
-            )
-        return load_domain(holders[0])
-    scores = domain_mod.domain_scores(emb, lens.encoder, lens.cache_dir)[0]
-    return load_domain(domains()[int(scores.argmax())])
-
-
 def write_overlay(pixels: Any, sal: Any, title: str, out: Path, alpha: float = 0.45) -> Path:
     """The image with the map over it (jet, ``alpha``) and a colour bar, as PNG."""
-    import matplotlib
+    from medlens.explain.explanation import overlay_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    h, w = sal.map.shape
-    fig, ax = plt.subplots(figsize=(6, 6 * h / w + 0.6), dpi=100)
-    try:
-        ax.imshow(pixels)
-        im = ax.imshow(sal.map, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0)
-        ax.set_title(title, fontsize=10)
-        ax.axis("off")
-        cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-        cbar.set_label("relative saliency (min-max scaled)")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, format="png", bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    data = overlay_png(pixels, sal.map, title, alpha)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
     return out
 
 
@@ -76,65 +40,22 @@ def explain(
     settings: Settings,
 ) -> None:
     """Show where the model looked: a map for a finding or a free-text query, and the
-    pack's concept scores (uncalibrated)."""
-    from medlens.explain.saliency import METHODS, clean_query
+    pack's concept scores (uncalibrated). The image is analysed as ``analyze`` does, so
+    the map explains the probability ``analyze`` reports."""
+    from medlens.explain.explanation import check_request
 
-    if finding is not None and query is not None:
-        raise ConfigError("give --finding or --query, not both")
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if query is not None:
-        query = clean_query(query)
+    query = check_request(finding, query, method, domain)  # before any model is loaded
     if not image.exists():
         raise ConfigError(f"{image} does not exist")
 
-    import numpy as np
-
-    from medlens.analysis import scoring
-    from medlens.explain import concepts, saliency
-    from medlens.models.base import ensemble, flipped
+    from medlens.explain.explanation import explain_image
     from medlens.pipeline import MedLens
 
     lens = MedLens(model=model, settings=settings, retrieval=False)
-    decoded = lens.decode(image)
-    enc = lens.encoder
-    emb = enc.embed_images([decoded.pixels])
-    pack = _pack_for(lens, emb, domain, finding)
-    if finding is not None:
-        pack.finding(finding)  # ConfigError for an id this pack does not have
-    score_emb = emb[0]
-    if pack.domain.test_time_flips:  # score as analyze does: the image and its flips
-        views = enc.embed_images([flipped(decoded.pixels, f) for f in pack.domain.test_time_flips])
-        score_emb = ensemble(np.vstack([emb, views]))
-    scores = scoring.score(enc, pack, score_emb, lens.card.calibration, prompt_cache=lens.cache_dir)
-    probs = scores.as_dict(pack)
-    if finding is None and query is None:
-        finding = max(probs, key=probs.get)
-    sal = saliency.explain(
-        enc,
-        decoded.pixels,
-        pack,
-        finding=finding,
-        query=query,
-        method=method,
-        cache_dir=lens.cache_dir,
-    )
-    label = f'query "{sal.label}"' if query is not None else sal.label
+    ex = explain_image(lens, image, finding=finding, query=query, method=method, domain=domain)
     if out is not None:
-        title = f"{label} — {'Grad-CAM' if method == 'gradcam' else 'text saliency'}"
-        if finding is not None:
-            title += f" (p = {probs[finding]:.1%})"
-        write_overlay(decoded.pixels, sal, title, out)
-    result = {
-        "domain": pack.id,
-        "model": {"name": lens.model_name, "fingerprint": enc.fingerprint},
-        "input": {"content_hash": decoded.content_hash, "shape": list(sal.map.shape)},
-        "finding_probability": None if finding is None else round(probs[finding], 4),
-        "explanation": sal.summary(),
-        "concepts": concepts.concept_scores(enc, pack, emb[0], lens.cache_dir),
-        "concepts_note": concepts.CALIBRATION_NOTE,
-        "overlay": None if out is None else str(out),
-    }
+        write_overlay(ex.pixels, ex.saliency, ex.title, out)
+    result = {**ex.to_dict(), "overlay": None if out is None else str(out)}
     if as_json:
         sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
         return

@@ -15,6 +15,8 @@ tensor ``analyze`` scores, before its test-time flips.)
 - **Grad-CAM** (``gradcam``): pytorch-grad-cam's ``GradCAM`` on the last convolutional
   block of the image tower, the target being one finding's logit computed by the same
   rule from the pooled embedding; one backward pass per target (one call per finding).
+  For open_clip ViT towers (``vit_gradcam``): the last block's first LayerNorm, patch
+  tokens reshaped to the patch grid (``vit_reshape``), on the encoder's own centre crop.
 
 Maps are returned min-max scaled to [0, 1] (``Saliency.map``, the image's (H, W)), with
 the raw values on the feature grid kept in ``Saliency.grid``. The metrics at the end
@@ -97,8 +99,8 @@ def clean_query(text: str | None) -> str:
 def _check_lite(encoder: Any) -> None:
     if getattr(encoder, "name", None) != "lite" or not hasattr(encoder, "image_head"):
         raise ConfigError(
-            "explanations are implemented for the lite encoder only so far (issue 14: "
-            "open_clip and hf towers come next); use --model lite"
+            "text saliency is implemented for the lite encoder only so far (open_clip "
+            "ViT towers have Grad-CAM: --method gradcam); use --model lite"
         )
 
 
@@ -272,6 +274,109 @@ def gradcam(
     )
 
 
+# -- Grad-CAM for open_clip ViT towers ----------------------------------------------------
+def is_open_clip_vit(encoder: Any) -> bool:
+    """An open_clip encoder whose image tower is a VisionTransformer (patch tokens)."""
+    visual = getattr(getattr(encoder, "model", None), "visual", None)
+    return (
+        getattr(encoder, "name", "").startswith("open_clip")
+        and hasattr(visual, "transformer")
+        and hasattr(visual, "grid_size")
+    )
+
+
+def vit_reshape(grid_size: tuple[int, int], batch_first: bool = True):
+    """pytorch-grad-cam's ``reshape_transform`` for ViT tokens: (N, L, C) (or (L, N, C))
+    → (N, C, gh, gw), dropping the class (and any other prefix) tokens."""
+    gh, gw = (int(g) for g in grid_size)
+
+    def reshape(t: torch.Tensor) -> torch.Tensor:
+        if not batch_first:
+            t = t.transpose(0, 1)
+        t = t[:, -gh * gw :, :]
+        return t.reshape(t.shape[0], gh, gw, t.shape[2]).permute(0, 3, 1, 2)
+
+    return reshape
+
+
+class EmbeddingLogits(nn.Module):
+    """An image tower (``tower(x)`` = the image embedding before normalisation, e.g.
+    open_clip's ``model.visual``) as a classifier for pytorch-grad-cam: ``forward`` takes
+    only the image and returns (N, K) finding logits by the scoring rule from the unit embedding."""
+
+    def __init__(
+        self, tower: nn.Module, targets: np.ndarray, reference: np.ndarray | None, scale: float
+    ):
+        super().__init__()
+        self.tower, self.scale = tower, float(scale)
+        self.register_buffer("targets", torch.as_tensor(np.asarray(targets), dtype=torch.float32))
+        ref = None if reference is None else torch.as_tensor(reference, dtype=torch.float32)
+        self.register_buffer("reference", ref)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        emb = F.normalize(self.tower(x).float(), dim=-1)
+        z = self.scale * emb @ self.targets.T
+        if self.reference is not None:
+            z = z - self.scale * (emb @ self.reference)[:, None]
+        return z
+
+
+def _centre_square(grid_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A map of the centred square crop (open_clip's resize-shortest + centre crop) put
+    back into the image's (H, W) geometry; zero outside the crop, scaled to [0, 1]."""
+    h, w = (int(s) for s in shape)
+    side = min(h, w)
+    out = np.zeros((h, w), np.float32)
+    top, left = (h - side) // 2, (w - side) // 2
+    out[top : top + side, left : left + side] = upsample(grid_map, (side, side))
+    return scale01(out)
+
+
+def vit_gradcam(
+    encoder: Any,
+    pixels: np.ndarray,
+    pack: KnowledgePack,
+    finding_id: str,
+    cache_dir: Path | None = None,
+) -> Saliency:
+    """Grad-CAM on the last transformer block's first LayerNorm of an open_clip ViT
+    (patch tokens reshaped to the patch grid), target one finding's logit by the scoring
+    rule from the unit image embedding; the image goes through the encoder's own eval
+    transform (centre crop), and the map is put back into the image's geometry."""
+    from PIL import Image
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    if not is_open_clip_vit(encoder):
+        raise ConfigError("vit_gradcam needs an open_clip encoder with a ViT image tower")
+    f = pack.finding(finding_id)
+    k = pack.finding_ids.index(f.id)
+    cls = zeroshot.finding_embeddings(encoder, pack, cache_dir)
+    ref = (
+        zeroshot.reference_embedding(encoder, pack, cache_dir)
+        if pack.task == "multi_label"
+        else None
+    )
+    visual = encoder.model.visual
+    model = EmbeddingLogits(visual, cls, ref, encoder.logit_scale)  # encode_image = visual
+    x = encoder.preprocess(Image.fromarray(np.asarray(pixels)))[None].to(encoder.device)
+    x.requires_grad_(True)  # the tower's weights are frozen: gradients start at the input
+    layer = visual.transformer.resblocks[-1].ln_1
+    reshape = vit_reshape(visual.grid_size, getattr(visual.transformer, "batch_first", True))
+    with (
+        torch.enable_grad(),
+        GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam,
+    ):
+        cam(input_tensor=x, targets=[ClassifierOutputTarget(k)])
+        acts = cam.activations_and_grads.activations[-1].cpu().numpy()
+        grads = cam.activations_and_grads.gradients[-1].cpu().numpy()
+    weights = grads.mean(axis=(2, 3), keepdims=True)
+    signed = (weights * acts).sum(axis=1)[0].astype(np.float32)
+    # ``grid`` keeps the signed CAM (a map can have no positive part: then it is all zero)
+    heat = _centre_square(np.maximum(signed, 0), pixels.shape[:2])
+    return Saliency(heat, signed, "gradcam", f.id, f.name)
+
+
 def explain(
     encoder: Any,
     pixels: np.ndarray,
@@ -293,6 +398,8 @@ def explain(
             raise ConfigError("a free-text query is explained by text saliency (--method text)")
         return text_saliency(encoder, pixels, query_target(encoder, query))
     if method == "gradcam":
+        if is_open_clip_vit(encoder):
+            return vit_gradcam(encoder, pixels, pack, finding, cache_dir)
         return gradcam(encoder, pixels, pack, finding, cache_dir)
     return text_saliency(encoder, pixels, finding_target(encoder, pack, finding, cache_dir))
 

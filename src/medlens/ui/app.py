@@ -16,6 +16,8 @@ import streamlit as st
 
 from medlens.config import get_settings
 from medlens.ui.client import ApiClient, ApiError
+from medlens.ui.downloads import downloads_panel
+from medlens.ui.overlay import explain_panel
 
 DISCLAIMER = (
     "**Decision support only — not a diagnosis.** MedLens is research software. Every "
@@ -39,6 +41,8 @@ SECTION_TITLES = {
 # (client, analysis JSON, uploaded bytes, file name). Heatmaps ("explain") and reports
 # ("report") register here when their API routes exist.
 EXTRA_PANELS: dict[str, Callable[[ApiClient, dict[str, Any], bytes, str], None]] = {}
+EXTRA_PANELS["explain"] = explain_panel  # POST /v1/explain (medlens.ui.overlay)
+EXTRA_PANELS["report"] = downloads_panel  # POST /v1/report (medlens.ui.downloads)
 
 
 @st.cache_resource
@@ -188,6 +192,7 @@ def main() -> None:
         symptoms = st.text_area(
             "Symptoms (optional)",
             placeholder="e.g. itchy, has grown over 3 months, bleeds",
+            key="symptoms",  # read by the report downloads panel (medlens.ui.downloads)
             help="Never stored or echoed: results carry only its hash.",
         )
         run = st.button("Analyze", type="primary", disabled=up is None)

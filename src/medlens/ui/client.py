@@ -46,8 +46,14 @@ class ApiClient:
             raise ApiError(0, "API unreachable", f"{self.base_url}: {exc}") from exc
 
     def _post(self, path: str, files: dict[str, Any], data: dict[str, Any]) -> Any:
+        return self._post_raw(path, files, data).json()
+
+    def _post_raw(
+        self, path: str, files: dict[str, Any], data: dict[str, Any], accept: str | None = None
+    ) -> httpx.Response:
+        headers = {"Accept": accept} if accept else None
         try:
-            return self._check(self._http.post(path, files=files, data=data)).json()
+            return self._check(self._http.post(path, files=files, data=data, headers=headers))
         except httpx.TransportError as exc:
             raise ApiError(0, "API unreachable", f"{self.base_url}: {exc}") from exc
 
@@ -75,6 +81,15 @@ class ApiClient:
         return self._post(
             "/v1/search", {"image": (filename, image)}, {"domain": domain, "k": str(k)}
         )
+
+    def explain(self, image: bytes, filename: str, **form: str) -> dict[str, Any]:
+        """``POST /v1/explain`` as JSON; ``form``: domain, method, finding or query."""
+        return self._post("/v1/explain", {"image": (filename, image)}, form)
+
+    def report(self, image: bytes, filename: str, media: str, **form: str) -> bytes:
+        """``POST /v1/report`` in ``media`` (text/markdown, application/pdf,
+        application/fhir+json); ``form``: domain, top_k, symptoms."""
+        return self._post_raw("/v1/report", {"image": (filename, image)}, form, media).content
 
     def finding(self, finding_id: str, domain: str | None = None) -> dict[str, Any]:
         return self._get(f"/v1/findings/{finding_id}", **({"domain": domain} if domain else {}))
