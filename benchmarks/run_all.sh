@@ -45,6 +45,11 @@ if [[ $SMOKE == 1 ]]; then
   bench api_load.py --clients 2 --requests 8 --bare 4 --model "$MODEL" --out "$BENCH/api_load.json"
   bench ingest.py --limit 16 --model "$MODEL" --out "$BENCH/ingest.json"
   bench ood_gate.py --model "$MODEL" --per-set 20 --forced 10 --json "$BENCH/ood_gate.json"
+  bench flips.py --model "$MODEL" --limit 6 --json "$BENCH/flips.json"
+  bench backbones.py --limit 16 --latency-runs 2 --bootstrap 20 --json "$BENCH/backbones.json"
+  bench explain_latency.py --smoke --model "$MODEL" --out "$BENCH/explain_latency.json"
+  bench explain_quality.py --model "$MODEL" --limit 4 --steps 4 --out "$OUT/explain_quality.md" \
+    --json "$BENCH/explain_quality.json"
   run "$MEDLENS" eval all --model "$MODEL" --limit 20 --out "$OUT"
 else
   bench throughput.py --model "$MODEL" --out "$BENCH/throughput.json"
@@ -54,6 +59,11 @@ else
   bench ingest.py --model "$MODEL" --out "$BENCH/ingest.json"
   bench ood_gate.py --model "$MODEL" --out docs/ood.md --json "$BENCH/ood_gate.json"
   bench bad_input_table.py --out docs/bad_inputs.md
+  bench flips.py --model "$MODEL" --out docs/flips.md --json "$BENCH/flips.json"
+  bench backbones.py --train-limit 1400 --out docs/backbones.md --json "$BENCH/backbones.json"
+  bench explain_latency.py --model "$MODEL" --out "$BENCH/explain_latency.json"
+  bench explain_quality.py --model "$MODEL"
+  bench similar_reports.py
   run "$MEDLENS" eval all --model "$MODEL" --out "$OUT"
   run "$PY" scripts/make_results.py --results "$OUT"
 fi
