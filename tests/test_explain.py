@@ -546,3 +546,20 @@ def test_api_abstains_on_a_photo_of_a_cat_and_audits_it(api):
     assert body["type"].endswith("out-of-domain")
     rec = AuditLog.from_settings(api.settings).get(r.headers["X-Request-ID"])
     assert rec is not None and rec.triage_level == "abstained"
+
+
+def test_analyze_explain_attaches_maps_for_the_top_findings(data_dir, tmp_path) -> None:
+    """``medlens analyze --explain`` adds one text-saliency map per top finding (top 3), in
+    the order of the differential, to the same JSON analyze prints."""
+    env = {"MEDLENS_HOME": str(tmp_path / "home")}
+    r = runner.invoke(app, ["analyze", str(data_dir / SKIN), "--explain", "--json"], env=env)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    maps = out["explanations"]
+    assert [m["target"] for m in maps] == [f["id"] for f in out["findings"][:3]]
+    for m in maps:
+        grid = np.array(m["grid"])
+        assert grid.shape == tuple(m["grid_shape"]) and 0.0 <= grid.min() <= grid.max() <= 1.0
+        assert 0.1 <= m["top10_energy"] <= 1.0
+    plain = runner.invoke(app, ["analyze", str(data_dir / SKIN), "--json"], env=env)
+    assert "explanations" not in json.loads(plain.stdout.strip().splitlines()[-1])

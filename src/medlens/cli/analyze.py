@@ -80,6 +80,12 @@ def analyze(
     model: str | None = typer.Option(None, help="Encoder name (default: lite or MEDLENS_MODEL)."),
     as_json: bool = typer.Option(False, "--json", help="Print the analysis as one JSON object."),
     out: Path | None = typer.Option(None, help="Folder mode: output file (.jsonl or .csv)."),
+    explain: bool = typer.Option(
+        False,
+        "--explain",
+        help="Attach text-saliency maps for the top 3 findings (JSON: explanations[]; "
+        "overlay PNGs: medlens explain).",
+    ),
     *,
     settings: Settings,
 ) -> None:
@@ -92,11 +98,23 @@ def analyze(
     if path.is_dir():
         _analyze_folder(lens, path, domain=domain, symptoms=symptoms, top_k=top_k, out=out)
         return
-    result = lens.analyze(path, domain=domain, symptoms=symptoms, top_k=top_k).to_dict()
+    analysis = lens.analyze(path, domain=domain, symptoms=symptoms, top_k=top_k)
+    result = analysis.to_dict()
+    if explain:
+        from medlens.explain.explanation import attach_maps
+
+        result["explanations"] = attach_maps(lens, analysis, path, top=3)
     if as_json:
         sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
-    else:
-        print_analysis(result, top_k)
+        return
+    print_analysis(result, top_k)
+    console = _console()
+    for m in result.get("explanations", []):
+        row, col = m["peak"]["relative"]
+        console.print(
+            f"[dim]map for {m['label']}: peak at {row:.0%} down, {col:.0%} across; "
+            f"{m['top10_energy']:.0%} of the energy in the top 10 % of pixels[/dim]"
+        )
 
 
 def image_files(folder: Path) -> list[Path]:
