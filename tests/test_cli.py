@@ -127,7 +127,8 @@ def test_default_datasets_come_from_the_knowledge_packs() -> None:
     from medlens.knowledge import training_datasets
     from medlens.training.align import AlignConfig
 
-    expected = ("dermamnist", "pad_ufes_20", "dermnet", "covid_chestxray", "pneumoniamnist")
+    skin = ("ham10000", "derm7pt", "pad_ufes_20", "dermnet")
+    expected = (*skin, "covid_chestxray", "pneumoniamnist")
     assert training_datasets() == expected
     assert _dataset_names(None) == expected == AlignConfig().data
     assert _dataset_names("a, b,") == ("a", "b")
