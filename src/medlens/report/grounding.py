@@ -115,7 +115,10 @@ def check_grounding(text: str, report: Report) -> list[str]:
         problems.append(f"does not state the triage level ({level}) as the triage")
     for lv in sorted(set(stated) - {level}):
         problems.append(f"states triage {lv}; the report's triage is {level}")
-    risks = {f.risk for f in report.findings} | {level}
+    # Level words the template itself uses (e.g. a next step "... soon") are its own
+    # words, not a claim; a changed triage is caught above as a stated triage.
+    in_source = {lv for lv in LEVELS if re.search(rf"\b{lv}\b", source, re.IGNORECASE)}
+    risks = {f.risk for f in report.findings} | {level} | in_source
     for lv in sorted(said - risks):
         problems.append(f"states a triage or risk level the report does not: {lv}")
     return problems
