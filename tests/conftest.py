@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,18 @@ def _data_dir() -> Path:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return _data_dir()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_home(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The same throwaway MEDLENS_HOME for session- and module-scoped fixtures, which are
+    set up before any function-scoped one: without it a module's app fixture would read
+    the user's ~/.medlens (e.g. the case library ``make demo`` builds there)."""
+    home = tmp_path_factory.getbasetemp() / "medlens_home"
+    home.mkdir(exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDLENS_HOME", str(home))
+        yield
 
 
 @pytest.fixture(autouse=True)
