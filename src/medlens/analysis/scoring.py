@@ -53,12 +53,7 @@ def finding_logits(
 ) -> np.ndarray:
     """(N, K) logits of every finding of ``pack`` for embeddings ``emb`` (image or text),
     relative to the reference for multi-label packs."""
-    cls = zeroshot.finding_embeddings(encoder, pack, prompt_cache)
-    ref = (
-        zeroshot.reference_embedding(encoder, pack, prompt_cache)
-        if pack.task == "multi_label"
-        else None
-    )
+    cls, ref = zeroshot.scoring_embeddings(encoder, pack, prompt_cache)
     return logits_from(emb, cls, float(encoder.logit_scale), ref)
 
 

@@ -47,6 +47,16 @@ def reference_embedding(
     return embed_prompt_sets(encoder, [list(pack.domain.reference_prompts)], cache_dir)[0]
 
 
+def scoring_embeddings(
+    encoder: Encoder, pack: KnowledgePack, cache_dir: Path | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """What the scoring rule compares an image with: the findings' prompt ensembles and,
+    for a multi-label pack, the "normal study" reference (None for single-label)."""
+    cls = finding_embeddings(encoder, pack, cache_dir)
+    ref = reference_embedding(encoder, pack, cache_dir) if pack.task == "multi_label" else None
+    return cls, ref
+
+
 def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
     z = z - z.max(axis=axis, keepdims=True)
     e = np.exp(z)

@@ -276,6 +276,34 @@ def abstention(lens: Any, decoded: Any, exc: OutOfDomain) -> dict[str, Any]:
     }
 
 
+def negotiate_media(
+    accept: str | None, accepted: Sequence[str], default: str, ranges: dict[str, str]
+) -> str | None:
+    """The media type to answer with for an ``Accept`` header: the highest-q entry that
+    is one of ``accepted`` or a range in ``ranges`` (e.g. ``{"*/*": default}``); None
+    when none is (→ 406). No header means ``default``."""
+    if not accept or not accept.strip():
+        return default
+    ranked: list[tuple[float, int, str]] = []
+    for i, part in enumerate(accept.split(",")):
+        fields = [x.strip() for x in part.split(";")]
+        media, q = fields[0].lower(), 1.0
+        for p in fields[1:]:
+            if p.lower().startswith("q="):
+                try:
+                    q = float(p[2:])
+                except ValueError:
+                    q = 0.0
+        if media and q > 0:
+            ranked.append((-q, i, media))
+    for _, _, media in sorted(ranked):
+        if media in accepted:
+            return media
+        if media in ranges:
+            return ranges[media]
+    return None
+
+
 def audit(
     svc: Service, output: dict[str, Any], decoded: Any, raw: bytes, *, key_id: str, request_id: str
 ) -> None:

@@ -36,6 +36,7 @@ from medlens.api.app import (
     _run,
     abstention,
     audit,
+    negotiate_media,
     require_multipart,
 )
 from medlens.api.problems import Problem
@@ -50,28 +51,8 @@ DEFAULT = "application/json"
 
 def negotiate(accept: str | None) -> str | None:
     """The media type to answer with for an ``Accept`` header, or None (→ 406)."""
-    if not accept or not accept.strip():
-        return DEFAULT
-    ranked: list[tuple[float, int, str]] = []
-    for i, part in enumerate(accept.split(",")):
-        fields = [x.strip() for x in part.split(";")]
-        media, q = fields[0].lower(), 1.0
-        for p in fields[1:]:
-            if p.lower().startswith("q="):
-                try:
-                    q = float(p[2:])
-                except ValueError:
-                    q = 0.0
-        if media and q > 0:
-            ranked.append((-q, i, media))
-    for _, _, media in sorted(ranked):
-        if media in ACCEPTED:
-            return media
-        if media in ("*/*", "application/*"):
-            return DEFAULT
-        if media == "image/*":
-            return "image/png"
-    return None
+    ranges = {"*/*": DEFAULT, "application/*": DEFAULT, "image/*": "image/png"}
+    return negotiate_media(accept, ACCEPTED, DEFAULT, ranges)
 
 
 @dataclass

@@ -40,6 +40,7 @@ from medlens.api.app import (
     _run,
     analysis_form,
     audit,
+    negotiate_media,
     read_upload,
     require_multipart,
 )
@@ -60,28 +61,8 @@ DEFAULT = "text/markdown"
 
 def negotiate(accept: str | None) -> str | None:
     """The media type to answer with for an ``Accept`` header, or None (→ 406)."""
-    if not accept or not accept.strip():
-        return DEFAULT
-    ranked: list[tuple[float, int, str]] = []
-    for i, part in enumerate(accept.split(",")):
-        fields = [x.strip() for x in part.split(";")]
-        media, q = fields[0].lower(), 1.0
-        for p in fields[1:]:
-            if p.lower().startswith("q="):
-                try:
-                    q = float(p[2:])
-                except ValueError:
-                    q = 0.0
-        if media and q > 0:
-            ranked.append((-q, i, media))
-    for _, _, media in sorted(ranked):
-        if media in ACCEPTED:
-            return media
-        if media in ("*/*", "text/*"):
-            return DEFAULT
-        if media == "application/*":
-            return "application/fhir+json"
-    return None
+    ranges = {"*/*": DEFAULT, "text/*": DEFAULT, "application/*": "application/fhir+json"}
+    return negotiate_media(accept, tuple(ACCEPTED), DEFAULT, ranges)
 
 
 def _report_job(

@@ -98,12 +98,13 @@ def analyze(
     if path.is_dir():
         _analyze_folder(lens, path, domain=domain, symptoms=symptoms, top_k=top_k, out=out)
         return
-    analysis = lens.analyze(path, domain=domain, symptoms=symptoms, top_k=top_k)
+    decoded = lens.decode(path)  # once, for the analysis and its maps
+    analysis = lens.analyze(decoded, domain=domain, symptoms=symptoms, top_k=top_k)
     result = analysis.to_dict()
     if explain:
         from medlens.explain.explanation import attach_maps
 
-        result["explanations"] = attach_maps(lens, analysis, path, top=3)
+        result["explanations"] = attach_maps(lens, analysis, decoded, top=3)
     if as_json:
         sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
         return

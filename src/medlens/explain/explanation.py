@@ -158,8 +158,7 @@ def attach_maps(lens: Any, analysis: Any, image: Any, top: int = 3) -> list[dict
     enc, cache = lens.encoder, lens.cache_dir
     decoded = lens.decode(image)
     pack = load_domain(analysis.domain)
-    cls = zeroshot.finding_embeddings(enc, pack, cache)  # once: not once per finding
-    ref = zeroshot.reference_embedding(enc, pack, cache) if pack.task == "multi_label" else None
+    cls, ref = zeroshot.scoring_embeddings(enc, pack, cache)  # once, not per finding
     targets = [
         saliency.Target(f.id, f.name, cls[pack.finding_ids.index(f.id)], ref)
         for f in analysis.findings[:top]

@@ -173,13 +173,8 @@ def finding_target(
     """A finding's prompt-ensemble embedding, as ``analysis.scoring`` uses it."""
     f = pack.finding(finding_id)  # ConfigError for an unknown id
     k = pack.finding_ids.index(f.id)
-    emb = zeroshot.finding_embeddings(encoder, pack, cache_dir)[k]
-    ref = (
-        zeroshot.reference_embedding(encoder, pack, cache_dir)
-        if pack.task == "multi_label"
-        else None
-    )
-    return Target(f.id, f.name, emb, ref)
+    cls, ref = zeroshot.scoring_embeddings(encoder, pack, cache_dir)
+    return Target(f.id, f.name, cls[k], ref)
 
 
 def query_target(encoder: Any, query: str) -> Target:
@@ -249,12 +244,7 @@ def gradcam(
     _check_lite(encoder)
     f = pack.finding(finding_id)
     k = pack.finding_ids.index(f.id)
-    cls = zeroshot.finding_embeddings(encoder, pack, cache_dir)
-    ref = (
-        zeroshot.reference_embedding(encoder, pack, cache_dir)
-        if pack.task == "multi_label"
-        else None
-    )
+    cls, ref = zeroshot.scoring_embeddings(encoder, pack, cache_dir)
     model = FindingLogits(encoder, cls, ref)
     x = frame_tensor(encoder, pixels)
     was_training = encoder.training
@@ -351,12 +341,7 @@ def vit_gradcam(
         raise ConfigError("vit_gradcam needs an open_clip encoder with a ViT image tower")
     f = pack.finding(finding_id)
     k = pack.finding_ids.index(f.id)
-    cls = zeroshot.finding_embeddings(encoder, pack, cache_dir)
-    ref = (
-        zeroshot.reference_embedding(encoder, pack, cache_dir)
-        if pack.task == "multi_label"
-        else None
-    )
+    cls, ref = zeroshot.scoring_embeddings(encoder, pack, cache_dir)
     visual = encoder.model.visual
     model = EmbeddingLogits(visual, cls, ref, encoder.logit_scale)  # encode_image = visual
     x = encoder.preprocess(Image.fromarray(np.asarray(pixels)))[None].to(encoder.device)

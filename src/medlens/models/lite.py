@@ -227,6 +227,34 @@ def _text_tower(device: str) -> tuple[Any, nn.Module]:
     return tok, model
 
 
+def mean_pooled_text(
+    texts: Sequence[str], device: str, max_length: int, batch_size: int = 64
+) -> torch.Tensor:
+    """all-MiniLM-L6-v2 features (N, 384) of ``texts``: attention-masked mean pooling of
+    the frozen text tower, float32 on CPU (the lite text tower and the frozen report
+    encoder, ``retrieval.reports``, share it)."""
+    tok, model = _text_tower(device)
+    out = []
+    with torch.inference_mode():
+        for batch in batched(texts, batch_size):
+            with _TOKENIZER_LOCK:
+                enc = tok(
+                    list(batch),
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                    return_tensors="pt",
+                )
+            enc = enc.to(device)
+            hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(pooled.float().cpu())
+    if not out:
+        return torch.zeros((0, TEXT_DIM), dtype=torch.float32)
+    return torch.cat(out)
+
+
 @lru_cache(maxsize=8)
 def backbone_fingerprint(
     backbone: str, image_size: int = 224, colour_constancy: bool = False
@@ -490,26 +518,7 @@ class LiteEncoder(nn.Module):
     def text_features(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """Frozen MiniLM features (N, 384): attention-masked mean pooling, float32 on CPU."""
         items = check_texts(texts)
-        _, tok, model = self._towers()
-        out = []
-        with torch.inference_mode():
-            for batch in batched(items, batch_size):
-                with _TOKENIZER_LOCK:
-                    enc = tok(
-                        list(batch),
-                        padding=True,
-                        truncation=True,
-                        max_length=TEXT_MAX_LENGTH,
-                        return_tensors="pt",
-                    )
-                enc = enc.to(self.device_name)
-                hidden = model(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out.append(pooled.float().cpu())
-        if not out:
-            return torch.zeros((0, self.text_dim), dtype=torch.float32)
-        return torch.cat(out)
+        return mean_pooled_text(list(items), self.device_name, TEXT_MAX_LENGTH, batch_size)
 
     def tower_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised pixels (N, 3, S, S) → pooled features; differentiable through the

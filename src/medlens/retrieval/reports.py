@@ -76,28 +76,11 @@ class FrozenMiniLM:
     def embed_texts(self, texts: Sequence[str], batch_size: int = BATCH) -> np.ndarray:
         import torch
 
-        from medlens.models.lite import _TOKENIZER_LOCK, _text_tower
+        from medlens.models.lite import mean_pooled_text
 
-        tok, model = _text_tower(self.device)
-        out = []
-        with torch.inference_mode():
-            for s in range(0, len(texts), batch_size):
-                batch = [t if t.strip() else "." for t in texts[s : s + batch_size]]
-                with _TOKENIZER_LOCK:
-                    enc = tok(
-                        batch,
-                        padding=True,
-                        truncation=True,
-                        max_length=MAX_TOKENS,
-                        return_tensors="pt",
-                    )
-                enc = enc.to(self.device)
-                hidden = model(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
-                out.append(pooled.cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+        batch = [t if t.strip() else "." for t in texts]
+        pooled = mean_pooled_text(batch, self.device, MAX_TOKENS, batch_size)
+        return torch.nn.functional.normalize(pooled, dim=-1).numpy()
 
 
 @lru_cache(maxsize=2)
