@@ -47,6 +47,10 @@ class InvalidText(InputError):
     """Symptom text that cannot be used (too long, binary, ...)."""
 
 
+class InvalidContext(InputError):
+    """Clinical context that cannot be used (an age of 200, an unknown body site, ...)."""
+
+
 class ModelUnavailable(MedLensError):
     """Model weights are missing or cannot be loaded (e.g. offline without a local copy)."""
 

@@ -87,6 +87,63 @@ class Concept(BaseModel):
     prompts: tuple[str, ...] = Field(min_length=3)
 
 
+class DatasetCoding(BaseModel):
+    """How one dataset codes a context field: its column and, for a value list, the
+    dataset's codes for a yes/no answer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    column: str
+    # yes/no items: the column's codes for "yes" (present) and "no" (absent)
+    present: tuple[str, ...] = ()
+    absent: tuple[str, ...] = ()
+
+
+class ContextTerm(BaseModel):
+    """One value of a clinical-context field (a body site, a sex, a history item): the
+    words a sentence names it by (the symptom parser) and each dataset's codes for it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=r"^[a-z0-9_]+$")
+    name: str
+    words: tuple[str, ...] = ()
+    # Body sites: the coarse region the fusion head encodes (sites of one group share it).
+    group: str | None = None
+    # dataset name -> its codes for this value (values), or its column coding (history)
+    codes: dict[str, tuple[str, ...]] = {}
+    coding: dict[str, DatasetCoding] = {}
+
+
+class ContextVocabulary(BaseModel):
+    """The clinical-context vocabulary of a domain (issue 15): what a user may state
+    about the patient and lesion, and how each training dataset codes it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sexes: tuple[ContextTerm, ...]
+    body_sites: tuple[ContextTerm, ...]
+    history: tuple[ContextTerm, ...]  # yes/no items: itch, grew, ...
+    # Scalar fields -> dataset -> its column (age in years, Fitzpatrick 1-6, diameter mm).
+    columns: dict[Literal["age", "sex", "site", "fitzpatrick", "diameter_mm"], dict[str, str]] = {}
+    # Dataset codes that mean "not known" in any context column.
+    unknown_codes: tuple[str, ...] = ("", "UNK", "unknown", "nan")
+
+    @model_validator(mode="after")
+    def _unique(self) -> ContextVocabulary:
+        for what in ("sexes", "body_sites", "history"):
+            ids = [t.id for t in getattr(self, what)]
+            if len(ids) != len(set(ids)):
+                raise ValueError(f"context {what} ids must be unique")
+        if any(t.group is None for t in self.body_sites):
+            raise ValueError("every context body site needs a group")
+        return self
+
+    def site_groups(self) -> tuple[str, ...]:
+        """The coarse body-site groups, in first-mention order."""
+        return tuple(dict.fromkeys(t.group for t in self.body_sites if t.group))
+
+
 class DicomRule(BaseModel):
     """When a DICOM header alone names this domain (Modality, Body Part Examined)."""
 
@@ -132,11 +189,17 @@ class Domain(BaseModel):
     # scoring (test-time augmentation). Only for domains without a canonical orientation:
     # a flipped chest radiograph is a different anatomy.
     test_time_flips: tuple[Literal["horizontal", "vertical", "both"], ...] = ()
+    # Whether ``analyze`` takes a dermoscopy image beside a clinical photo of the same
+    # lesion: findings are then scored on a weighted mean of the two views' logits, the
+    # weight fitted on validation pairs (Derm7pt) and kept in the fusion head.
+    paired_dermoscopy: bool = False
     findings: tuple[Finding, ...]
     # dataset label vocabulary -> labels that carry no diagnosis (e.g. "todo", "Unknown")
     unlabelled: dict[str, tuple[str, ...]] = {}
     # Visual concepts scored zero-shot (uncalibrated) beside the findings; optional.
     concepts: tuple[Concept, ...] = ()
+    # Clinical context a user may give with an image (age, site, history; issue 15).
+    context: ContextVocabulary | None = None
 
     @model_validator(mode="after")
     def _reference_for_multi_label(self) -> Domain:
