@@ -106,7 +106,7 @@ def test_openapi_declares_the_analysis_response(openapi: dict[str, Any]) -> None
     finding = resolve(props["findings"]["items"])
     assert {"id", "name", "probability", "icd10", "snomed", "risk"} <= set(finding["properties"])
     assert set(resolve(props["triage"])["properties"]) == {
-        "level", "reason", "triggered_by", "next_step"
+        "level", "reason", "triggered_by", "next_step", "review"
     }  # fmt: skip
     case = resolve(props["similar_cases"]["items"])
     assert {"case_id", "similarity", "labels", "point_id"} <= set(case["properties"])

@@ -2,15 +2,15 @@
 
 decode (io) → quality gate → one encoder forward → domain, admitted by the
 out-of-distribution gate (``analysis.ood``) or abstention → zero-shot logits (+ symptom
-evidence) → probabilities → triage → descriptions of the top findings → an ``Analysis``
-(JSON-serialisable).
+evidence) → probabilities (+ the clinical context, through a learned fusion head) →
+triage → descriptions of the top findings → an ``Analysis`` (JSON-serialisable).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from medlens.analysis import domain as domain_mod
-from medlens.analysis import ood, scoring
+from medlens.analysis import fusion, ood, scoring
+from medlens.analysis.context import ClinicalContext, build_context, merge_parsed
 from medlens.analysis.result import (  # noqa: F401  (DISCLAIMER, SCHEMA_VERSION re-exported)
     DISCLAIMER,
     SCHEMA_VERSION,
@@ -28,13 +29,22 @@ from medlens.analysis.symptoms import clean_symptoms, text_hash
 from medlens.analysis.triage import triage
 from medlens.config import Settings, get_settings
 from medlens.embeddings import is_feature_encoder
-from medlens.errors import ConfigError, MedLensError, OutOfDomain
+from medlens.errors import ConfigError, InputError, MedLensError, OutOfDomain
 from medlens.io import DecodedImage, load_image
-from medlens.knowledge import KnowledgePack, domains, load_domain, use_pack_dirs
+from medlens.knowledge import RISK_ORDER, KnowledgePack, domains, load_domain, use_pack_dirs
 from medlens.models.base import ensemble, flipped
 from medlens.models.card import ModelCard, card_for
 
 log = logging.getLogger("medlens")
+
+
+@dataclass
+class _ContextScores:
+    """The context part of one analysis: the JSON summary and, when the context moved
+    the differential, the image-only probabilities (for the triage floor)."""
+
+    summary: dict[str, Any]
+    image_probabilities: dict[str, float] | None
 
 
 @dataclass
@@ -78,6 +88,7 @@ class MedLens:
             self.settings.classifiers if classifiers is None else classifiers
         )
         self._classifiers: dict[str, Any] | None = None
+        self._fusion_heads: dict[str, fusion.FusionHead | None] = {}
 
     @property
     def encoder(self):
@@ -115,6 +126,16 @@ class MedLens:
             self._card = card_for(self.encoder, self.settings.cards_dir)
         return self._card
 
+    def fusion_head(self, pack: KnowledgePack) -> fusion.FusionHead | None:
+        """The context-fusion head of ``pack`` for this encoder, looked up once."""
+        if pack.id not in self._fusion_heads:
+            self._fusion_heads[pack.id] = (
+                fusion.find_head(self.encoder.fingerprint, pack.id, self.settings.cards_dir)
+                if pack.domain.context is not None
+                else None
+            )
+        return self._fusion_heads[pack.id]
+
     # -- the flow ----------------------------------------------------------------------
     def decode(
         self, image: str | Path | bytes | DecodedImage, filename: str | None = None
@@ -134,10 +155,20 @@ class MedLens:
         image: str | Path | bytes | DecodedImage,
         *,
         symptoms: str | None = None,
+        context: ClinicalContext | Mapping[str, Any] | None = None,
         domain: str = "auto",
         top_k: int = 5,
         filename: str | None = None,
+        dermoscopy: str | Path | bytes | DecodedImage | None = None,
     ) -> Analysis:
+        """Analyze one image. ``context``: what is known about the patient and lesion
+        (a ``ClinicalContext``, or a mapping of its user-facing fields: age, sex, site,
+        fitzpatrick, diameter_mm, duration_days, history); symptom text is parsed into
+        the same fields where the domain has a context vocabulary. ``dermoscopy``: the
+        dermoscopy image of the lesion that ``image`` (a clinical photo) shows, in a
+        domain whose pack allows the pair; it passes the same gate in the first image's
+        domain, and the findings are scored on the two views' logits weighted as the
+        fusion head says (fitted on validation pairs)."""
         if domain != "auto" and domain not in domains():
             raise ConfigError(
                 f"unknown domain {domain!r}; choose one of {', '.join(('auto', *domains()))}"
@@ -155,7 +186,13 @@ class MedLens:
         t2 = time.perf_counter()
         pack = load_domain(chosen)
         score_emb = self._scoring_embedding(pack, decoded.pixels, emb, timings)
-        probs, sym = self._score(pack, score_emb, symptoms)
+        derm, view_weights = None, None
+        if dermoscopy is not None:
+            derm, derm_emb = self._dermoscopy_view(pack, dermoscopy, gate, timings)
+            score_emb = np.vstack([score_emb, derm_emb])
+            view_weights = (1 - derm["weight"], derm["weight"])
+        ctx = self._clinical_context(pack, context, symptoms)
+        probs, sym, ctx_info = self._score(pack, score_emb, symptoms, ctx, view_weights)
         thresholds = self.card.calibration.thresholds_for(pack.id)
         supervised: set[str] = set()
         if (clf := self.classifiers.get(pack.id)) is not None:
@@ -165,7 +202,7 @@ class MedLens:
             thresholds = {**thresholds, **clf.operating_points}  # its operating points
             supervised = set(by_clf)
             timings["classifier"] = (time.perf_counter() - t) * 1000
-        tri = triage(pack, probs, thresholds)
+        tri = self._triage(pack, probs, thresholds, ctx_info)
         timings["score"] = (time.perf_counter() - t2) * 1000
         ranked = sorted(probs, key=probs.get, reverse=True)
 
@@ -196,9 +233,14 @@ class MedLens:
             findings=findings,
             triage=tri,
             descriptions=descriptions,
-            input={"content_hash": decoded.content_hash, "context": decoded.context.to_dict()},
+            input={
+                "content_hash": decoded.content_hash,
+                "context": decoded.context.to_dict(),
+                "dermoscopy": derm,
+            },
             quality=gate.to_dict(),
             symptoms=sym,
+            context=ctx_info.summary if ctx_info is not None else None,
             top_k=top_k,
             similar_cases=cases,
             knowledge=passages,
@@ -216,7 +258,9 @@ class MedLens:
         emb, _ = self._encode(pixels)
         domain_mod.domain_scores(emb, self.encoder, self.cache_dir)
         for d in domains():
-            self._score(load_domain(d), emb, None)
+            pack = load_domain(d)
+            self._score(pack, emb, None, None)
+            self.fusion_head(pack)
 
     def admit(
         self, decoded: DecodedImage, domain: str = "auto", timings: dict | None = None
@@ -266,6 +310,40 @@ class MedLens:
             return emb.float().cpu().numpy()[0], feats.numpy()
         return enc.embed_images([pixels])[0], None
 
+    def _dermoscopy_view(
+        self,
+        pack: KnowledgePack,
+        image: str | Path | bytes | DecodedImage,
+        gate: ood.Gate,
+        timings: dict,
+    ) -> tuple[dict[str, Any], np.ndarray]:
+        """Decode and admit the dermoscopy view in ``pack``'s domain (the same quality
+        and out-of-distribution gate: a view that fails it ends the analysis in an
+        abstention, never in a one-view result that looks like a pair). Its warnings join
+        ``gate``'s; returns its ``input.dermoscopy`` record and scoring embedding."""
+        if not pack.domain.paired_dermoscopy:
+            raise ConfigError(
+                f"the {pack.id} domain takes one image per analysis (a dermoscopy image "
+                "was given as well)"
+            )
+        t = time.perf_counter()
+        try:
+            decoded = self.decode(image)
+            adm = self.admit(decoded, pack.id)
+        except InputError as exc:  # the same error, saying which image it is about
+            raise type(exc)(f"dermoscopy image: {exc}") from exc
+        gate.warnings.extend(f"dermoscopy image: {w}" for w in adm.gate.warnings)
+        emb = self._scoring_embedding(pack, decoded.pixels, adm.embedding, {})
+        head = self.fusion_head(pack)
+        timings["dermoscopy"] = (time.perf_counter() - t) * 1000
+        record = {
+            "content_hash": decoded.content_hash,
+            "context": decoded.context.to_dict(),
+            "weight": head.dermoscopy_weight if head is not None else 0.5,
+            "weight_source": f"{head.fingerprint}/{head.domain}" if head is not None else "default",
+        }
+        return record, emb
+
     def _scoring_embedding(
         self, pack: KnowledgePack, pixels: np.ndarray, emb: np.ndarray, timings: dict
     ) -> np.ndarray:
@@ -305,27 +383,71 @@ class MedLens:
         note = None if cases else "no case library for this model and domain (medlens index)"
         return cases, passages, note
 
+    def _clinical_context(
+        self,
+        pack: KnowledgePack,
+        context: ClinicalContext | Mapping[str, Any] | None,
+        symptoms: str | None,
+    ) -> ClinicalContext | None:
+        """The validated context: the given fields, completed by what the symptom text
+        states (where the pack has a context vocabulary); None when nothing is known."""
+        vocab = pack.domain.context
+        if vocab is None:  # recorded as not understood, never silently dropped
+            if context is None:
+                return None
+            if isinstance(context, ClinicalContext):
+                keys = context.given()
+            else:
+                keys = sorted(k for k, v in context.items() if v not in (None, "", {}, ()))
+            return ClinicalContext(not_understood=tuple(keys)) if keys else None
+        if context is not None and not isinstance(context, ClinicalContext):
+            context = build_context(vocab, **dict(context))
+        if symptoms is not None:
+            from medlens.analysis.context_text import parse_symptoms
+
+            parsed = parse_symptoms(symptoms, vocab).context
+            context = merge_parsed(context or ClinicalContext(), parsed)
+        return context
+
     def _score(
-        self, pack: KnowledgePack, emb: np.ndarray, symptoms: str | None
-    ) -> tuple[dict[str, float], dict[str, Any] | None]:
-        """Calibrated probabilities by the one scoring rule (``analysis.scoring``); the
-        symptom text is embedded here and fused there."""
+        self,
+        pack: KnowledgePack,
+        emb: np.ndarray,
+        symptoms: str | None,
+        ctx: ClinicalContext | None,
+        view_weights: Sequence[float] | None = None,
+    ) -> tuple[dict[str, float], dict[str, Any] | None, _ContextScores | None]:
+        """Calibrated probabilities by the one scoring rule (``analysis.scoring``).
+
+        Symptom text: where the pack has a context vocabulary it is parsed into context
+        fields (``_clinical_context``) and the learned fusion head weighs them; its
+        embedding is still compared with the findings and shown ("closest findings"),
+        but no longer mixed into the differential (a fixed mix moved it the wrong way).
+        Packs without a context vocabulary keep the fixed text mix."""
+        mixed = pack.domain.context is None
+        weight = self.symptom_weight if mixed else 0.0
         sym_emb = self.encoder.embed_texts([symptoms]) if symptoms is not None else None
+        head = self.fusion_head(pack) if ctx is not None and not ctx.empty else None
+        shift = None
+        if head is not None and ctx is not None and fusion.used_fields(ctx, head.fields):
+            shift = head.shift_for(pack.finding_ids, ctx, pack.domain.context)
         s = scoring.score(
             self.encoder,
             pack,
             emb,
             self.card.calibration,
             symptom_emb=sym_emb,
-            symptom_weight=self.symptom_weight,
+            symptom_weight=weight,
             prompt_cache=self.cache_dir,
+            context_shift=shift,
+            view_weights=view_weights,
         )
         sym_info = None
         if s.symptom_probabilities is not None:
             order = np.argsort(-s.symptom_probabilities)[:3]
             sym_info = {
                 "sha256": text_hash(symptoms, self.settings),
-                "weight": self.symptom_weight,
+                "weight": weight,
                 "closest_findings": [
                     {
                         "id": pack.findings[i].id,
@@ -335,7 +457,74 @@ class MedLens:
                     for i in order
                 ],
             }
-        return s.as_dict(pack), sym_info
+        ctx_info = None if ctx is None else self._context_summary(pack, ctx, head, s, shift)
+        return s.as_dict(pack), sym_info, ctx_info
+
+    def _context_summary(
+        self,
+        pack: KnowledgePack,
+        ctx: ClinicalContext,
+        head: fusion.FusionHead | None,
+        s: scoring.Scores,
+        shift: np.ndarray | None,
+    ) -> _ContextScores:
+        ids = pack.finding_ids
+        names = [f.name for f in pack.findings]
+        used = fusion.used_fields(ctx, head.fields) if head is not None else []
+        note = None
+        if pack.domain.context is None:
+            note = f"the {pack.id} domain takes no clinical context: it was not used"
+        elif ctx.empty:
+            note = "no clinical context was given or recognised"
+        elif head is None:
+            note = (
+                f"no fusion head for this model and the {pack.id} domain "
+                "(`medlens train fusion`): the context is recorded but cannot move the "
+                "differential"
+            )
+        elif not used:
+            note = "none of the given fields is one the fusion head was trained on"
+        summary: dict[str, Any] = {
+            "given": [g for g in ctx.given() if g not in ctx.parsed],
+            "parsed": list(ctx.parsed),
+            "values": fusion.context_values(ctx),
+            "not_understood": list(ctx.not_understood),
+            "conflicts": list(ctx.conflicts),
+            "used": used,
+            "fusion": f"{head.fingerprint}/{head.domain}" if head is not None else None,
+            "note": note,
+        }
+        p_img = None
+        if shift is not None and s.image_probabilities is not None:
+            p_img = {f: float(p) for f, p in zip(ids, s.image_probabilities, strict=True)}
+            summary["effect"] = fusion.effect(ids, names, s.image_probabilities, s.probabilities)
+            summary["disagreement"] = fusion.disagreement(ids, names, s.image_probabilities, shift)
+        return _ContextScores(summary, p_img)
+
+    def _triage(
+        self,
+        pack: KnowledgePack,
+        probs: dict[str, float],
+        thresholds: dict[str, float],
+        ctx: _ContextScores | None,
+    ):
+        """Triage of the (fused) probabilities, never below the image's own: context may
+        raise the urgency, never lower it (fusion must not cost sensitivity). A
+        disagreement between image and context asks for review (at least "soon")."""
+        tri = triage(pack, probs, thresholds)
+        if ctx is None or ctx.image_probabilities is None:
+            return tri
+        alone = triage(pack, ctx.image_probabilities, thresholds)
+        if RISK_ORDER[alone.level] > RISK_ORDER[tri.level]:
+            tri = alone.model_copy(
+                update={"reason": alone.reason + " (image alone; context never lowers a triage)"}
+            )
+        if (text := ctx.summary.get("disagreement")) is not None:
+            level = tri.level if RISK_ORDER[tri.level] >= RISK_ORDER["soon"] else "soon"
+            tri = tri.model_copy(
+                update={"level": level, "review": True, "reason": f"{tri.reason}. {text}"}
+            )
+        return tri
 
     @staticmethod
     def _finding_row(

@@ -109,11 +109,31 @@ class ModelInfo(_Part):
     )
 
 
-class InputInfo(_Part):
-    """What the input was, without identifiers."""
+class ViewInfo(_Part):
+    """One image file, without identifiers."""
 
     content_hash: str = Field(description="sha256 of the file bytes")
     context: StudyContext
+
+
+class DermoscopyView(ViewInfo):
+    """The dermoscopy image given beside a clinical photo, and how much it counted."""
+
+    weight: float = Field(
+        description="its weight a in the pair's logits (1 - a)·clinical + a·dermoscopy, "
+        "fitted on validation pairs (the fusion head); 0.5 (unmeasured) without a head"
+    )
+    weight_source: str = Field(description="the fusion head it came from, or 'default'")
+
+
+class InputInfo(ViewInfo):
+    """What the input was, without identifiers."""
+
+    dermoscopy: DermoscopyView | None = Field(
+        default=None,
+        description="the dermoscopy image of the same lesion, scored with the first image "
+        "(a clinical photo); null when there was one image",
+    )
 
 
 class FindingRow(_Part):
@@ -150,6 +170,40 @@ class SymptomSummary(_Part):
     sha256: str
     weight: float
     closest_findings: list[SymptomMatch]
+
+
+class ContextEffect(_Part):
+    """One finding's probability from the image alone and with the clinical context."""
+
+    id: str
+    name: str
+    image_only: float
+    with_context: float
+
+
+class ContextSummary(_Part):
+    """The clinical context the analysis used (issue 15): which fields were given, which
+    were read from the symptom text (shown back so a wrong parse is visible), what could
+    not be understood, and how the context moved the differential. Ages of 90 and over
+    are reported as 90 (an age above 89 is an identifier)."""
+
+    given: list[str] = Field(description="fields stated explicitly (history items as history.<id>)")
+    parsed: list[str] = Field(description="fields filled from the free-text symptoms")
+    values: dict[str, Any] = Field(description="the value of every known field")
+    not_understood: list[str] = []
+    conflicts: list[str] = Field(
+        default=[], description="where the text contradicted a stated field (the field wins)"
+    )
+    used: list[str] = Field(description="fields the fusion head used to move the differential")
+    fusion: str | None = Field(description="the fusion head (model fingerprint/domain), if any")
+    note: str | None = Field(default=None, description="why the context did not move it, if so")
+    effect: list[ContextEffect] = Field(
+        default=[], description="top findings, image alone vs with the context"
+    )
+    disagreement: str | None = Field(
+        default=None,
+        description="set when image and context point to different findings with confidence",
+    )
 
 
 class SimilarCase(_Part):
@@ -199,6 +253,7 @@ class Analysis(_Json):
     triage: Triage
     descriptions: list[FindingDescription]
     symptoms: SymptomSummary | None = None
+    context: ContextSummary | None = None
     similar_cases: list[SimilarCase] = []
     knowledge: list[KnowledgePassage] = []
     context_note: str | None = Field(

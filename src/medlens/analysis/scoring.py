@@ -8,7 +8,10 @@ The rule, for a knowledge pack with findings k = 1..K and an encoder with logit 
 - finding logits ``z_k = s · cos(image, prompts_k)``; for multi-label packs relative to
   the pack's "normal study" reference: ``z_k = s · (cos(image, prompts_k) − cos(image, ref))``;
 - with symptom text, the same logits of the text embedding are added with a weight
-  (``fuse``);
+  (``fuse``) in domains without a clinical-context vocabulary; where the pack has one,
+  the text is parsed into context fields instead (``analysis.context_text``);
+- with clinical context, a learned fusion head's evidence is added to the calibrated
+  logits (``calibrated(..., shift=)``, ``analysis.fusion``);
 - calibration (``models.card.Calibration``): a differential is
   ``softmax((z + b) / T)`` over the findings in play, per-finding scores are
   ``sigmoid(z / T)``;
@@ -110,9 +113,14 @@ def calibrated(
     pack: KnowledgePack,
     calibration: Calibration,
     columns: list[int] | None = None,
+    shift: np.ndarray | None = None,
 ) -> np.ndarray:
     """Probabilities as the model's calibration defines them; with ``columns`` (finding
     indices) the differential is restricted to those findings (a dataset's candidates).
+
+    ``shift`` ((K,) or (N, K), single-label only): the clinical-context evidence of a
+    fusion head (``analysis.fusion``), added to the *calibrated* logits, so the
+    differential is ``softmax((z + b) / T + shift)`` and no shift is the image alone.
 
     Multi-label: the consistency rule needs every finding, so it is applied to the full
     row before ``columns`` are taken; logits already cut to fewer columns than the pack
@@ -125,9 +133,11 @@ def calibrated(
         p = probabilities(logits, pack.task, t, exclusions=pack.exclusions if full else ())
         return p if columns is None else p[:, columns]
     bias = calibration.bias_for(pack.id, pack.finding_ids)
+    if shift is not None:
+        bias = bias + t * np.asarray(shift, dtype=np.float64)
     if columns is not None:
         logits = logits[:, columns]
-        bias = bias[columns]
+        bias = bias[..., columns]
     return probabilities(logits, pack.task, t, bias)
 
 
@@ -136,8 +146,9 @@ class Scores:
     """One image's scores for every finding of a pack, in the pack's order."""
 
     logits: np.ndarray  # (K,) fused, uncalibrated
-    probabilities: np.ndarray  # (K,) calibrated
+    probabilities: np.ndarray  # (K,) calibrated (with the context shift, if any)
     symptom_probabilities: np.ndarray | None  # (K,) text alone, softmax at T = 1
+    image_probabilities: np.ndarray | None = None  # (K,) without the context shift
 
     def as_dict(self, pack: KnowledgePack) -> dict[str, float]:
         return {f.id: float(p) for f, p in zip(pack.findings, self.probabilities, strict=True)}
@@ -152,24 +163,35 @@ def score(
     symptom_emb: np.ndarray | None = None,
     symptom_weight: float = 0.0,
     prompt_cache: Path | None = None,
+    context_shift: np.ndarray | None = None,
+    view_weights: Sequence[float] | None = None,
 ) -> Scores:
-    """Calibrated probabilities of every finding of ``pack`` for one image embedding and,
-    optionally, one symptom-text embedding."""
-    z_img = finding_logits(encoder, pack, image_emb, prompt_cache)[0]
+    """Calibrated probabilities of every finding of ``pack`` for one image embedding (or
+    a (V, d) stack of views of one lesion, combined by ``view_weights``, default equal)
+    and, optionally, one symptom-text embedding and a clinical-context shift
+    (``calibrated``); with a shift, ``image_probabilities`` keeps the differential
+    without it."""
+    # Several rows are views of one lesion: one differential from their weighted mean
+    # logits (equivalently of calibrated logits: calibration is affine).
+    z_views = finding_logits(encoder, pack, np.atleast_2d(image_emb), prompt_cache)
+    w = np.full(len(z_views), 1 / len(z_views)) if view_weights is None else view_weights
+    z_img = np.asarray(w, dtype=np.float64) @ z_views
     z_sym = None
     sym_p = None
     if symptom_emb is not None:
         z_sym = finding_logits(encoder, pack, symptom_emb, prompt_cache)[0]
         sym_p = zeroshot.single_label_probs(z_sym)[0]
     z = fuse(z_img, z_sym, symptom_weight)
-    p = calibrated(z, pack, calibration)[0]
-    if not np.isfinite(p).all():  # corrupted weights or cache: never a triage
+    p = calibrated(z, pack, calibration, shift=context_shift)[0]
+    p_img = None if context_shift is None else calibrated(z, pack, calibration)[0]
+    if not np.isfinite(p).all() or (p_img is not None and not np.isfinite(p_img).all()):
+        # corrupted weights, cache or fusion head: never a triage
         raise ModelUnavailable(
             f"the model produced non-finite scores for {pack.id} (corrupted weights, prompt "
             "cache or calibration?): no result; reinstall the model or run "
             "`medlens cache prune --all`"
         )
-    return Scores(z, p, sym_p)
+    return Scores(z, p, sym_p, p_img)
 
 
 def with_supervised(

@@ -28,6 +28,10 @@ class Triage(BaseModel):
     reason: str
     triggered_by: tuple[str, ...] = Field(default=(), description="finding ids that set the level")
     next_step: str = ""
+    review: bool = Field(
+        default=False,
+        description="image and clinical context disagree: review both before acting",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,4 +1,4 @@
-"""``medlens train align`` and ``medlens calibrate``.
+"""``medlens train align``, ``medlens train fusion`` and ``medlens calibrate``.
 
 Training code (torch, numpy, the datasets) is imported inside the commands. The two
 default dataset lists are spelled out here so that ``--help`` does not import it;
@@ -344,9 +344,78 @@ def calibrate(
         err.print(f"wrote calibration into {target}")
 
 
+# -- train fusion ------------------------------------------------------------------------
+def train_fusion(
+    model: str = typer.Option("lite", help="Encoder whose calibrated logits the head fuses."),
+    domain: str = typer.Option("dermatology", help="Knowledge pack with a context vocabulary."),
+    data: str | None = typer.Option(
+        None, help="Comma-separated datasets (default: the pack's training_datasets it codes)."
+    ),
+    fields: str = typer.Option(
+        "age,sex,site,diameter_mm,history",
+        help="Context fields the head encodes (age, sex, site, fitzpatrick, diameter_mm, "
+        "history). Fitzpatrick is left out by default: docs/fusion.md shows why.",
+    ),
+    write: bool = typer.Option(
+        False,
+        "--write/--no-write",
+        help="Store the head under MEDLENS_HOME/cards (or --out), where analyze finds it.",
+    ),
+    out: Path | None = typer.Option(None, help="Folder to write the head to (with --write)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the fit summary as JSON."),
+    *,
+    settings: Settings,
+) -> None:
+    """Fit the learned fusion of image and clinical context on validation splits."""
+    from medlens.analysis import fusion as F
+    from medlens.knowledge import load_domain
+    from medlens.models import load_encoder
+    from medlens.models.card import card_for
+    from medlens.training import fusion as T
+
+    chosen = tuple(f.strip() for f in fields.split(",") if f.strip())
+    unknown = sorted(set(chosen) - set(F.FIELDS))
+    if unknown or not chosen:
+        raise typer.BadParameter(f"unknown fields {unknown}; choose from {', '.join(F.FIELDS)}")
+    enc = load_encoder(model)
+    card = card_for(enc, settings.cards_dir)
+    pack = load_domain(domain)
+    names = None if data is None else [d.strip() for d in data.split(",") if d.strip()]
+    with progress_bar() as progress:
+
+        def factory(label: str, total: int) -> Callable[[int], None]:
+            task = progress.add_task(f"embedding {label}", total=total)
+            return lambda n: progress.advance(task, n)
+
+        fdata = T.collect(
+            enc, card.calibration, pack, "val", names, factory, prompt_cache=settings.cache_dir
+        )
+    head = T.fit_head(fdata, enc.fingerprint, chosen)
+    summary = {
+        "fingerprint": head.fingerprint,
+        "domain": head.domain,
+        "fields": list(chosen),
+        "findings": list(head.findings),
+        **head.info,
+    }
+    if as_json:
+        _console().print_json(json.dumps(summary))
+    else:
+        err.print(
+            f"fusion head for {domain}: {len(head.findings)} findings × {len(head.features)} "
+            f"features, l2 {head.info['l2']:g}; validation NLL image only "
+            f"{head.info['image_only_nll']:.4f}, cross-validated with context "
+            f"{head.info['cv_nll'][str(head.info['l2'])]:.4f}"
+        )
+    if write:
+        target = F.write_head(head, out or settings.cards_dir)
+        err.print(f"wrote {target}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``train`` group (``train align``) and ``calibrate`` to the ``medlens`` app."""
     train_app = typer.Typer(help="Train models (projection heads, LoRA).", no_args_is_help=True)
     train_app.command("align")(friendly(train_align))
+    train_app.command("fusion")(friendly(train_fusion))
     app.add_typer(train_app, name="train")
     app.command("calibrate")(friendly(calibrate))

@@ -243,13 +243,33 @@ def write_ood(ref: OodReference, cards_dir: Path) -> Path:
     meta, arrays = _ood_arrays(ref)
     meta_json = json.dumps(meta, sort_keys=True).encode()
     path = ood_path(cards_dir, ref.fingerprint)
+    return write_checked_npz(path, meta_json, _ood_checksum(meta_json, arrays), arrays)
+
+
+# What reading a damaged .npz artifact (OOD reference, fusion head) can raise.
+ARTIFACT_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    TypeError,
+    UnicodeDecodeError,
+    zipfile.BadZipFile,
+)
+
+
+def write_checked_npz(
+    path: Path, meta_json: bytes, checksum: str, arrays: dict[str, np.ndarray]
+) -> Path:
+    """Write a model artifact atomically: its JSON metadata, the checksum its reader
+    verifies and its arrays, in one .npz (written to a temporary file, then renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ood-", suffix=".npz")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npz")
     with os.fdopen(fd, "wb") as fh:
         np.savez(
             fh,
             meta=np.frombuffer(meta_json, np.uint8),
-            checksum=np.frombuffer(_ood_checksum(meta_json, arrays).encode(), np.uint8),
+            checksum=np.frombuffer(checksum.encode(), np.uint8),
             **arrays,
         )
     os.replace(tmp, path)
@@ -292,15 +312,7 @@ def read_ood(path: Path) -> OodReference:
                     raise ValueError("non-finite or non-positive values")
                 sources.append(s)
             domains[d] = DomainReference(tuple(sources), float(m["acceptance"]))
-    except (
-        OSError,
-        EOFError,
-        ValueError,
-        KeyError,
-        TypeError,
-        UnicodeDecodeError,
-        zipfile.BadZipFile,
-    ) as exc:
+    except ARTIFACT_ERRORS as exc:
         raise ModelUnavailable(
             f"the out-of-distribution reference {path} is unreadable or corrupt ({exc}); "
             "delete it and re-run `medlens ood fit`"
