@@ -86,7 +86,7 @@ def test_upload_analyze_screenshot(stack: dict, data_dir: Path) -> None:
             page.goto(stack["ui"], wait_until="domcontentloaded")
             notice = page.get_by_text("Decision support only — not a diagnosis.", exact=True)
             expect(notice).to_be_visible(timeout=60_000)
-            page.locator("input[type=file]").set_input_files(str(data_dir / SAMPLE))
+            page.locator("input[type=file]").first.set_input_files(str(data_dir / SAMPLE))
             w, h = Image.open(data_dir / SAMPLE).size
             expect(page.get_by_text(f"JPEG {w}×{h}")).to_be_visible(timeout=30_000)  # preview
             page.get_by_role("textbox", name="Symptoms (optional)").fill(
@@ -134,7 +134,7 @@ def test_overlay_for_a_typed_query(stack: dict, data_dir: Path) -> None:
             expect(
                 page.get_by_text("Decision support only — not a diagnosis.", exact=True)
             ).to_be_visible(timeout=60_000)
-            page.locator("input[type=file]").set_input_files(str(data_dir / SAMPLE))
+            page.locator("input[type=file]").first.set_input_files(str(data_dir / SAMPLE))
             page.get_by_role("button", name="Analyze").click()
             expect(page.locator(".st-key-ml-triage")).to_contain_text("Triage:", timeout=60_000)
             expect(page.get_by_text("Where the model looked", exact=True)).to_be_visible(

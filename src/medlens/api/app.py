@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from medlens import __version__
+from medlens.analysis.context import given_fields
 from medlens.analysis.result import Analysis
 from medlens.api import problems
 from medlens.api.cases import CaseSearch, load_case_search
@@ -231,23 +232,37 @@ KeyId = Annotated[str, Depends(api_key_id)]
 
 @dataclass
 class AnalysisForm:
-    """The multipart form every image endpoint takes (analyze, report)."""
+    """The multipart form every image endpoint takes (analyze, report). ``context``: the
+    clinical-context fields that were filled in (analyze only), validated by the pipeline
+    against the chosen domain's vocabulary (``InvalidContext`` -> 400)."""
 
     image: UploadFile
     symptoms: str | None
     domain: str
     top_k: int
+    context: dict[str, str] | None = None
+    dermoscopy: UploadFile | None = None
 
 
 def _analyze_job(
-    svc: Service, raw: bytes, form: AnalysisForm, key_id: str, request_id: str
+    svc: Service,
+    raw: bytes,
+    form: AnalysisForm,
+    key_id: str,
+    request_id: str,
+    dermoscopy: bytes | None = None,
 ) -> dict[str, Any]:
     """Runs in a pool thread: decode → analyze → audit. Returns the analysis JSON."""
     lens = svc.lens
     decoded = lens.decode(raw, form.image.filename)
     try:
         result = lens.analyze(
-            decoded, symptoms=form.symptoms, domain=form.domain, top_k=form.top_k
+            decoded,
+            symptoms=form.symptoms,
+            context=form.context,
+            domain=form.domain,
+            top_k=form.top_k,
+            dermoscopy=dermoscopy,
         ).to_dict()
     except OutOfDomain as exc:  # an abstention is a decision too: it is audited
         audit(
@@ -348,6 +363,24 @@ def _symptoms(value: str | None) -> str | None:
     return value if value is not None and value.strip() else None
 
 
+def _context_choices(domain_ids: Sequence[str]) -> dict[str, str]:
+    """For the schema: the accepted sexes, body sites and history items of the packs
+    that take clinical context (data, so a new site appears by itself)."""
+    sexes: list[str] = []
+    sites: list[str] = []
+    items: list[str] = []
+    for d in domain_ids:
+        vocab = load_domain(d).domain.context
+        if vocab is not None:
+            sexes += [t.id for t in vocab.sexes]
+            sites += [t.id for t in vocab.body_sites]
+            items += [t.id for t in vocab.history]
+    return {
+        k: ", ".join(dict.fromkeys(v)) or "-"
+        for k, v in (("sexes", sexes), ("sites", sites), ("items", items))
+    }
+
+
 def public_base_url(settings: Settings) -> str:
     """Where clients reach the API: MEDLENS_PUBLIC_URL, else http://api_host:api_port."""
     return settings.public_url or f"http://{settings.api_host}:{settings.api_port}"
@@ -375,9 +408,12 @@ def _finding_summary(domain_id: str, f: Any) -> dict[str, Any]:
     }
 
 
-def analysis_form(domain_ids: Sequence[str]) -> Callable[..., AnalysisForm]:
+def analysis_form(
+    domain_ids: Sequence[str], *, context: bool = False
+) -> Callable[..., AnalysisForm]:
     """The FastAPI dependency that reads ``AnalysisForm``; its domain choices are the
-    knowledge packs' ids (so a new pack appears in the schema by itself)."""
+    knowledge packs' ids (so a new pack appears in the schema by itself). ``context``:
+    also read the optional clinical-context fields (``/v1/analyze``)."""
     DomainChoice = Literal[("auto", *domain_ids)]  # type: ignore[valid-type]
 
     def form(
@@ -388,7 +424,61 @@ def analysis_form(domain_ids: Sequence[str]) -> Callable[..., AnalysisForm]:
     ) -> AnalysisForm:
         return AnalysisForm(image, _symptoms(symptoms), domain, top_k)
 
-    return form
+    if not context:
+        return form
+    c = _context_choices(domain_ids)
+    note = " Clinical context: optional; empty means not given (unknown stays unknown)."
+
+    def form_with_context(
+        image: Annotated[UploadFile, File(description="PNG, JPEG, BMP, TIFF, WebP or DICOM")],
+        symptoms: Annotated[
+            str | None,
+            Form(description="Free-text symptoms (in dermatology also read into the fields below)"),
+        ] = None,
+        domain: Annotated[DomainChoice, Form()] = "auto",
+        top_k: Annotated[int, Form(ge=1, le=100)] = 5,
+        age: Annotated[str | None, Form(description="Age in years, 0-120." + note)] = None,
+        sex: Annotated[str | None, Form(description=f"One of {c['sexes']}." + note)] = None,
+        site: Annotated[
+            str | None, Form(description=f"Body site, one of {c['sites']}." + note)
+        ] = None,
+        fitzpatrick: Annotated[
+            str | None, Form(description="Fitzpatrick skin type, 1-6 or I-VI." + note)
+        ] = None,
+        diameter_mm: Annotated[
+            str | None, Form(description="Lesion diameter in mm, 0.1-300." + note)
+        ] = None,
+        duration_days: Annotated[
+            str | None, Form(description="Days since the lesion appeared." + note)
+        ] = None,
+        history: Annotated[
+            str | None,
+            Form(
+                description=f"Comma-separated history items ({c['items']}); prefix no- for "
+                "a 'no', e.g. grew,bleed,no-itch. An item left out is unknown." + note
+            ),
+        ] = None,
+        dermoscopy: Annotated[
+            UploadFile | None,
+            File(
+                description="Optional: the dermoscopy image of the lesion that `image` (a "
+                "clinical photo) shows (dermatology); both are scored together, weighted as "
+                "measured on validation pairs (input.dermoscopy.weight)"
+            ),
+        ] = None,
+    ) -> AnalysisForm:
+        fields = given_fields(
+            age=age,
+            sex=sex,
+            site=site,
+            fitzpatrick=fitzpatrick,
+            diameter_mm=diameter_mm,
+            duration_days=duration_days,
+            history=history,
+        )
+        return AnalysisForm(image, _symptoms(symptoms), domain, top_k, fields, dermoscopy)
+
+    return form_with_context
 
 
 async def read_upload(request: Request, form: AnalysisForm) -> tuple[Service, bytes]:
@@ -407,7 +497,7 @@ def build_router(domain_ids: Sequence[str] | None = None) -> APIRouter:
     # domain appears in the schema by itself.
     DomainChoice = Literal[("auto", *ids)]  # type: ignore[valid-type]
     PackChoice = Literal[ids]  # type: ignore[valid-type]
-    form_of = analysis_form(ids)
+    form_of = analysis_form(ids, context=True)
     r = APIRouter()
 
     @r.get("/healthz", tags=["service"], summary="The process is alive")
@@ -450,10 +540,14 @@ def build_router(domain_ids: Sequence[str] | None = None) -> APIRouter:
     @r.post(
         "/v1/analyze",
         tags=["analysis"],
-        summary="Analyze one image (+ optional symptoms): differential, triage, knowledge",
+        summary="Analyze one image (+ optional symptoms and clinical context): differential, "
+        "triage, knowledge",
         description="Returns the analysis JSON documented in docs/analysis.md and by the "
-        "response schema below (the same as `medlens analyze --json`). The request id is in "
-        "the X-Request-ID header; it is also the audit record id.",
+        "response schema below (the same as `medlens analyze --json`). The clinical-context "
+        "fields (age, sex, site, fitzpatrick, diameter_mm, duration_days, history) are "
+        "optional; an impossible value is a 400 problem naming the field. What was used is "
+        "in the result's `context` object. The request id is in the X-Request-ID header; it "
+        "is also the audit record id.",
         response_model=Analysis,
         dependencies=[Depends(require_multipart)],
         responses={k: v for k, v in _ERRORS.items() if k != 404},
@@ -462,8 +556,12 @@ def build_router(domain_ids: Sequence[str] | None = None) -> APIRouter:
         request: Request, key_id: KeyId, form: Annotated[AnalysisForm, Depends(form_of)]
     ) -> JSONResponse:
         svc, raw = await read_upload(request, form)
+        derm = await form.dermoscopy.read() if form.dermoscopy is not None else None
+        if derm is not None and not derm and form.dermoscopy.filename:
+            raise EmptyInput("the dermoscopy image is an empty file; choose one or leave it out")
         rid = request.state.request_id
-        result = await _run(svc, _analyze_job, svc, raw, form, key_id, rid)
+        derm = derm or None  # a form's empty file field means "no dermoscopy image"
+        result = await _run(svc, _analyze_job, svc, raw, form, key_id, rid, derm)
         return JSONResponse(result, headers={"X-Audit-ID": rid})
 
     @r.post(

@@ -36,6 +36,72 @@ def _console() -> Any:
     return Console()
 
 
+def check_context(context: dict[str, Any] | None, domain: str) -> None:
+    """Fail fast on impossible context values (before the model loads, and once for a
+    whole folder rather than once per image): they must be valid for ``domain``, or for
+    at least one pack that takes context when the domain is ``auto``. Domains without a
+    context vocabulary accept anything (the analysis notes that it was not used)."""
+    if not context:
+        return
+    from medlens.analysis.context import build_context
+    from medlens.errors import InvalidContext
+    from medlens.knowledge import domains, load_domain
+
+    ids = domains() if domain == "auto" else [domain] if domain in domains() else []
+    vocabs = [v for d in ids if (v := load_domain(d).domain.context) is not None]
+    first: InvalidContext | None = None
+    for vocab in vocabs:
+        try:
+            build_context(vocab, **context)
+            return
+        except InvalidContext as exc:
+            first = first or exc
+    if first is not None:
+        raise first
+
+
+def print_context(console: Any, ctx: dict[str, Any] | None) -> None:
+    """The ``context`` block: given, parsed from the text, not understood, conflicts,
+    the effect on the differential (image alone vs with context) and any disagreement."""
+    if not ctx:
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    from medlens.analysis.context import describe_field
+
+    values = ctx.get("values", {})
+    console.print("\n[bold]Clinical context[/bold]")
+    if ctx.get("given"):
+        console.print("  Given: " + ", ".join(describe_field(f, values) for f in ctx["given"]))
+    if ctx.get("parsed"):
+        console.print(
+            "  Read from the symptoms (check): "
+            + ", ".join(describe_field(f, values) for f in ctx["parsed"])
+        )
+    if ctx.get("not_understood"):
+        words = ", ".join(escape(w) for w in ctx["not_understood"])  # the user's words
+        console.print(f"  [yellow]Not understood:[/yellow] {words}")
+    for c in ctx.get("conflicts", []):
+        console.print(f"  [yellow]Conflict:[/yellow] {escape(c)} (the stated value is used)")
+    if ctx.get("used"):
+        console.print(f"  Used by the fusion head: {', '.join(ctx['used'])}")
+    if ctx.get("note"):
+        console.print(f"  [dim]{escape(ctx['note'])}[/dim]")
+    if ctx.get("effect"):
+        table = Table(title="Effect of the context", show_lines=False)
+        table.add_column("Finding")
+        table.add_column("Image alone", justify="right")
+        table.add_column("With context", justify="right")
+        for e in ctx["effect"]:
+            table.add_row(e["name"], f"{e['image_only']:.1%}", f"{e['with_context']:.1%}")
+        console.print(table)
+    if ctx.get("disagreement"):
+        console.print(
+            f"[bold yellow]Image and context disagree:[/bold yellow] {escape(ctx['disagreement'])}"
+        )
+
+
 def print_analysis(result: dict[str, Any], top_k: int) -> None:
     from rich.table import Table
 
@@ -63,6 +129,12 @@ def print_analysis(result: dict[str, Any], top_k: int) -> None:
     )
     if tri["next_step"]:
         console.print(f"Next step: {tri['next_step']}")
+    if tri.get("review"):
+        console.print(
+            "[bold yellow]Review:[/bold yellow] image and clinical context disagree "
+            "(see Clinical context below)"
+        )
+    print_context(console, result.get("context"))
     for d in result["descriptions"][:2]:
         s = d["sections"]
         console.print(f"\n[bold]{d['name']}[/bold] [dim]({d['source']})[/dim]")
@@ -76,6 +148,31 @@ def analyze(
     path: Path = typer.Argument(..., help="Image/DICOM file, or a folder of them."),
     domain: str = typer.Option("auto", help="dermatology | chest_xray | auto"),
     symptoms: str | None = typer.Option(None, help="Free-text symptom description."),
+    age: float | None = typer.Option(None, help="Clinical context: age in years."),
+    sex: str | None = typer.Option(None, help="Clinical context: female | male."),
+    site: str | None = typer.Option(
+        None, help="Clinical context: body site (a knowledge-pack id, e.g. back, face, arm)."
+    ),
+    fitzpatrick: str | None = typer.Option(
+        None, help="Clinical context: Fitzpatrick skin type, 1-6 (or I-VI)."
+    ),
+    diameter: float | None = typer.Option(
+        None, "--diameter", help="Clinical context: lesion diameter in mm."
+    ),
+    duration_days: float | None = typer.Option(
+        None, "--duration-days", help="Clinical context: days since the lesion appeared."
+    ),
+    history: str | None = typer.Option(
+        None,
+        help="Clinical context: history items, comma-separated, no- for 'no' "
+        "(itch, grew, hurt, changed, bleed, elevation), e.g. grew,bleed,no-itch.",
+    ),
+    dermoscopy: Path | None = typer.Option(
+        None,
+        "--dermoscopy",
+        help="The dermoscopy image of the lesion PATH (a clinical photo) shows; both are "
+        "scored together, weighted as measured on validation pairs. One file, not a folder.",
+    ),
     top_k: int = typer.Option(5, "--top-k", min=1, help="How many findings to show."),
     model: str | None = typer.Option(None, help="Encoder name (default: lite or MEDLENS_MODEL)."),
     as_json: bool = typer.Option(False, "--json", help="Print the analysis as one JSON object."),
@@ -89,17 +186,44 @@ def analyze(
     *,
     settings: Settings,
 ) -> None:
-    """Analyze one image (ranked differential, triage, descriptions) or a whole folder."""
+    """Analyze one image (ranked differential, triage, descriptions) or a whole folder.
+
+    The clinical-context options (age, sex, site, ...) are all optional; a field left out
+    stays unknown. In a folder they apply to every image.
+    """
     if not path.exists():
         raise ConfigError(f"{path} does not exist")
+    from medlens.analysis.context import given_fields
+
+    context = given_fields(
+        age=age,
+        sex=sex,
+        site=site,
+        fitzpatrick=fitzpatrick,
+        diameter_mm=diameter,
+        duration_days=duration_days,
+        history=history,
+    )
+    check_context(context, domain)
     from medlens.pipeline import MedLens
 
     lens = MedLens(model=model, settings=settings)
+    if dermoscopy is not None and (path.is_dir() or not dermoscopy.is_file()):
+        raise ConfigError("--dermoscopy takes one image file and goes with one image, not a folder")
     if path.is_dir():
-        _analyze_folder(lens, path, domain=domain, symptoms=symptoms, top_k=top_k, out=out)
+        _analyze_folder(
+            lens, path, domain=domain, symptoms=symptoms, context=context, top_k=top_k, out=out
+        )
         return
     decoded = lens.decode(path)  # once, for the analysis and its maps
-    analysis = lens.analyze(decoded, domain=domain, symptoms=symptoms, top_k=top_k)
+    analysis = lens.analyze(
+        decoded,
+        domain=domain,
+        symptoms=symptoms,
+        context=context,
+        top_k=top_k,
+        dermoscopy=dermoscopy,
+    )
     result = analysis.to_dict()
     if explain:
         from medlens.explain.explanation import attach_maps
@@ -129,7 +253,14 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def _analyze_folder(
-    lens: Any, folder: Path, *, domain: str, symptoms: str | None, top_k: int, out: Path | None
+    lens: Any,
+    folder: Path,
+    *,
+    domain: str,
+    symptoms: str | None,
+    context: dict[str, Any] | None,
+    top_k: int,
+    out: Path | None,
 ) -> None:
     files = image_files(folder)
     out = out or Path(f"medlens-{folder.name}.jsonl")
@@ -139,7 +270,9 @@ def _analyze_folder(
         task = progress.add_task("analyzing", total=len(files))
         for f in files:
             try:
-                r = lens.analyze(f, domain=domain, symptoms=symptoms, top_k=top_k).to_dict()
+                r = lens.analyze(
+                    f, domain=domain, symptoms=symptoms, context=context, top_k=top_k
+                ).to_dict()
                 rows.append({"file": str(f.relative_to(folder)), **r})
             except MedLensError as exc:
                 failures += 1

@@ -16,6 +16,7 @@ import streamlit as st
 
 from medlens.config import get_settings
 from medlens.ui.client import ApiClient, ApiError
+from medlens.ui.context_form import context_inputs, render_context
 from medlens.ui.downloads import downloads_panel
 from medlens.ui.overlay import explain_panel
 
@@ -48,6 +49,22 @@ EXTRA_PANELS["report"] = downloads_panel  # POST /v1/report (medlens.ui.download
 @st.cache_resource
 def _client(url: str, key: str | None) -> ApiClient:
     return ApiClient(url, key)
+
+
+@st.cache_resource
+def _context_vocabulary(domain_ids: tuple[str, ...]) -> Any:
+    """The clinical-context vocabulary of the first pack that has one (dermatology), or
+    None: the form's choices are pack data."""
+    from medlens.knowledge import load_domain
+
+    for d in domain_ids:
+        try:
+            vocab = load_domain(d).domain.context
+        except Exception:  # a pack the UI cannot read here: the API still knows it
+            continue
+        if vocab is not None:
+            return vocab
+    return None
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -189,12 +206,27 @@ def main() -> None:
         up = st.file_uploader(
             "Image or DICOM", help="PNG, JPEG, BMP, TIFF, WebP or DICOM (.dcm)", key="upload"
         )
+        derm = st.file_uploader(
+            "Dermoscopy image of the same lesion (optional)",
+            help="Skin only, beside a clinical photo above: both are scored together, "
+            "weighted as measured on validation pairs.",
+            key="dermoscopy",
+        )
+        st.markdown("**History and symptoms**")
         symptoms = st.text_area(
             "Symptoms (optional)",
             placeholder="e.g. itchy, has grown over 3 months, bleeds",
             key="symptoms",  # read by the report downloads panel (medlens.ui.downloads)
-            help="Never stored or echoed: results carry only its hash.",
+            help="Never stored or echoed: results carry only its hash. For skin images, "
+            "what it states (site, age, itch, growth, ...) is read into the fields below "
+            "and shown back with the result.",
         )
+        context: dict[str, Any] = {}
+        vocab = _context_vocabulary(tuple(info["domains"]))
+        if vocab is not None:
+            with st.expander("Clinical context (optional; skin images)"):
+                st.caption("Leave unknown what you do not know: unknown is never read as no.")
+                context = context_inputs(vocab)
         run = st.button("Analyze", type="primary", disabled=up is None)
         if up is not None:
             data = up.getvalue()
@@ -209,7 +241,13 @@ def main() -> None:
         with right, st.spinner("Analyzing…"):
             try:
                 result = client.analyze(
-                    data, up.name, symptoms=symptoms, domain=domain, top_k=top_k
+                    data,
+                    up.name,
+                    symptoms=symptoms,
+                    domain=domain,
+                    top_k=top_k,
+                    context=context,
+                    dermoscopy=None if derm is None else (derm.name, derm.getvalue()),
                 )
                 digest = hashlib.sha256(data).hexdigest()
                 found = None
@@ -245,6 +283,7 @@ def main() -> None:
                     for c in result["symptoms"]["closest_findings"]
                 )
                 st.caption(f"Symptoms point to: {close}")
+            render_context(result)
             render_knowledge(result)
         render_cases(client, found)
         for capability, panel in EXTRA_PANELS.items():

@@ -17,6 +17,20 @@ class ApiError(Exception):
         self.status, self.title, self.detail, self.retry_after = status, title, detail, retry_after
 
 
+def context_form(context: dict[str, Any] | None) -> dict[str, str]:
+    """Clinical-context values as the analyze form's fields: blanks and unanswered
+    history items are left out, never sent as "no"."""
+    out: dict[str, str] = {}
+    for key, value in (context or {}).items():
+        if isinstance(value, dict):
+            answered = [(k, v) for k, v in value.items() if v is not None]
+            value = ",".join(k if v else f"no-{k}" for k, v in answered)
+        if value is None or not str(value).strip():
+            continue
+        out[key] = str(value).strip()
+    return out
+
+
 class ApiClient:
     def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 120.0):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -69,11 +83,22 @@ class ApiClient:
         symptoms: str | None = None,
         domain: str = "auto",
         top_k: int = 5,
+        context: dict[str, Any] | None = None,
+        dermoscopy: tuple[str, bytes] | None = None,
     ) -> dict[str, Any]:
+        """``POST /v1/analyze``. ``context``: clinical-context form fields (age, sex, site,
+        fitzpatrick, diameter_mm, duration_days, history); None and empty values are not
+        sent (unknown stays unknown). ``history`` may be a mapping item -> True/False/None
+        (None: unanswered, left out) or the API's comma list (``grew,no-itch``).
+        ``dermoscopy``: (filename, bytes) of the dermoscopy image of the same lesion."""
         data: dict[str, Any] = {"domain": domain, "top_k": str(top_k)}
         if symptoms and symptoms.strip():
             data["symptoms"] = symptoms
-        return self._post("/v1/analyze", {"image": (filename, image)}, data)
+        data.update(context_form(context))
+        files = {"image": (filename, image)}
+        if dermoscopy is not None:
+            files["dermoscopy"] = dermoscopy
+        return self._post("/v1/analyze", files, data)
 
     def search(
         self, image: bytes, filename: str, *, domain: str = "auto", k: int = 8
