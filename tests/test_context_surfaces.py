@@ -416,3 +416,14 @@ def test_dermoscopy_view_through_cli_and_api(client: TestClient, data_dir: Path)
     assert r.status_code == 400 and "takes one image" in r.json()["detail"], r.text
     res = runner.invoke(cli_app, ["analyze", str(clinic.parent), "--dermoscopy", str(derm)])
     assert res.exit_code == 2 and "not a folder" in res.output, res.output
+
+
+def test_api_another_language_is_marked_not_understood(client: TestClient, data_dir: Path) -> None:
+    text = ("Seit drei Monaten habe ich einen braunen Fleck am Rücken, der juckt. " * 60)[:4000]
+    r = _post(client, data_dir / PAD, domain="dermatology", symptoms=text, age="63")
+    assert r.status_code == 200, r.text
+    ctx = r.json()["context"]
+    assert ctx["not_understood"] == ["symptoms"] and ctx["parsed"] == []
+    assert ctx["given"] == ["age"]  # the stated field still counts
+    r = _post(client, data_dir / PAD, domain="dermatology", symptoms="x" * 4001)
+    assert r.status_code == 422 and "4000" in r.json()["detail"], r.text

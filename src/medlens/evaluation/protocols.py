@@ -470,11 +470,33 @@ def _modality_scores(
         texts = [r.text or "" for r in recs]
         emb = embed_texts_cached(ctx.encoder, texts, ctx.advance(f"{ctx.name}: text", len(texts)))
         cache["symptoms"] = ctx.logits(pack, emb)
-    if modality == "fusion":
+    if modality == "fusion" and pack.domain.context is not None:
+        full = cache["image"] + _context_shift(ctx, pack, manifest, recs)
+    elif modality == "fusion":
         full = scoring.fuse(cache["image"], cache["symptoms"], scoring.SYMPTOM_WEIGHT)
     else:
         full = cache[modality]
     return _Scores(full, full[:, order])
+
+
+def _context_shift(
+    ctx: Context, pack: KnowledgePack, manifest: Manifest, recs: list[Record]
+) -> np.ndarray:
+    """(N, n_findings) the learned context fusion in raw-logit units, as ``analyze``
+    applies it: softmax((z + b)/T + W c) = softmax((z + b + T·W c)/T), with the record's
+    own metadata as the context; zero where the encoder has no fusion head."""
+    from medlens.analysis import fusion
+    from medlens.analysis.context import from_record, vocabulary
+
+    head = fusion.find_head(ctx.encoder.fingerprint, pack.id, ctx.settings.cards_dir)
+    if head is None:
+        return np.zeros((len(recs), len(pack.finding_ids)))
+    vocab = vocabulary(pack)
+    t = ctx.calibration.temperature_for(pack.id)
+    ids = pack.finding_ids
+    return t * np.stack(
+        [head.shift_for(ids, from_record(r.meta, manifest.name, vocab), vocab) for r in recs]
+    )
 
 
 def _softmax_at(logits: np.ndarray) -> Callable[[float], np.ndarray]:
@@ -563,9 +585,12 @@ def _classification(ctx: Context) -> dict[str, Any]:
             "image": "image embedding vs the finding prompt ensembles; nothing is fitted per fold",
             "symptoms": "symptom-sentence embedding vs the same finding prompts (text→text); "
             "no symptom classifier is trained, nothing is fitted per fold",
-            "fusion": f"the pipeline's fixed late fusion: image logits + "
+            "fusion": "image + the record's clinical context (metadata) through the learned "
+            "fusion head, as analyze applies it (fitted on validation splits by `medlens "
+            "train fusion`; the symptom text is not mixed in)"
+            if pack.domain.context is not None
+            else f"the pipeline's fixed late fusion: image logits + "
             f"{scoring.SYMPTOM_WEIGHT} × symptom logits (untrained weight)",
-            "fusion_trained": None,
         }
     return out
 
