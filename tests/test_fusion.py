@@ -221,3 +221,10 @@ def test_chest_xray_records_that_context_was_not_used(lens, data_dir):
 def test_bad_context_fails_before_any_work(lens, data_dir):
     with pytest.raises(InvalidContext):
         lens.analyze(data_dir / SKIN, context={"age": 200})
+
+
+def test_unknown_context_field_is_a_clear_error(lens, data_dir):
+    with pytest.raises(InvalidContext, match="unknown context field"):
+        lens.analyze(data_dir / SKIN, context={"agee": 63})
+    # an empty history mapping is "not given", in any domain
+    assert lens.analyze(data_dir / CXR, context={"history": {}}).context is None

@@ -19,7 +19,7 @@ import numpy as np
 
 from medlens.analysis import domain as domain_mod
 from medlens.analysis import fusion, ood, scoring
-from medlens.analysis.context import ClinicalContext, build_context, merge_parsed
+from medlens.analysis.context import ClinicalContext, build_context, given_fields, merge_parsed
 from medlens.analysis.result import (  # noqa: F401  (DISCLAIMER, SCHEMA_VERSION re-exported)
     DISCLAIMER,
     SCHEMA_VERSION,
@@ -339,9 +339,12 @@ class MedLens:
         record = {
             "content_hash": decoded.content_hash,
             "context": decoded.context.to_dict(),
-            "weight": head.dermoscopy_weight if head is not None else 0.5,
-            "weight_source": f"{head.fingerprint}/{head.domain}" if head is not None else "default",
+            "weight": fusion.UNMEASURED_DERMOSCOPY_WEIGHT,
+            "weight_source": "default",
         }
+        if head is not None:
+            record["weight"] = head.dermoscopy_weight
+            record["weight_source"] = f"{head.fingerprint}/{head.domain}"
         return record, emb
 
     def _scoring_embedding(
@@ -392,16 +395,15 @@ class MedLens:
         """The validated context: the given fields, completed by what the symptom text
         states (where the pack has a context vocabulary); None when nothing is known."""
         vocab = pack.domain.context
+        if context is not None and not isinstance(context, ClinicalContext):
+            context = given_fields(**dict(context)) or {}  # an unknown field name is an error
         if vocab is None:  # recorded as not understood, never silently dropped
             if context is None:
                 return None
-            if isinstance(context, ClinicalContext):
-                keys = context.given()
-            else:
-                keys = sorted(k for k, v in context.items() if v not in (None, "", {}, ()))
+            keys = context.given() if isinstance(context, ClinicalContext) else sorted(context)
             return ClinicalContext(not_understood=tuple(keys)) if keys else None
         if context is not None and not isinstance(context, ClinicalContext):
-            context = build_context(vocab, **dict(context))
+            context = build_context(vocab, **context)
         if symptoms is not None:
             from medlens.analysis.context_text import parse_symptoms
 
@@ -429,7 +431,7 @@ class MedLens:
         sym_emb = self.encoder.embed_texts([symptoms]) if symptoms is not None else None
         head = self.fusion_head(pack) if ctx is not None and not ctx.empty else None
         shift = None
-        if head is not None and ctx is not None and fusion.used_fields(ctx, head.fields):
+        if head is not None and fusion.used_fields(ctx, head.fields):
             shift = head.shift_for(pack.finding_ids, ctx, pack.domain.context)
         s = scoring.score(
             self.encoder,

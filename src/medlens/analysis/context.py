@@ -68,6 +68,13 @@ FORM_FIELDS = ("age", "sex", "site", "fitzpatrick", "diameter_mm", "duration_day
 """The user-facing context fields, in the order every surface lists them."""
 
 
+def _blank(v: Any) -> bool:
+    """None, whitespace, or an empty collection: "not given"."""
+    if isinstance(v, str):
+        return not v.strip()
+    return v is None or (isinstance(v, Mapping | list | tuple | set) and not v)
+
+
 def given_fields(**values: Any) -> dict[str, Any] | None:
     """The context fields that were filled in (CLI options, form fields); blanks are
     "not given" (HTML forms send every field). None when none was: the analysis is then
@@ -75,11 +82,7 @@ def given_fields(**values: Any) -> dict[str, Any] | None:
     unknown = set(values) - set(FORM_FIELDS)
     if unknown:
         raise InvalidContext(f"unknown context field(s): {', '.join(sorted(unknown))}")
-    out = {
-        k: v.strip() if isinstance(v, str) else v
-        for k, v in values.items()
-        if v is not None and str(v).strip()
-    }
+    out = {k: v.strip() if isinstance(v, str) else v for k, v in values.items() if not _blank(v)}
     return out or None
 
 
@@ -158,13 +161,10 @@ def build_context(
     Empty strings mean "not given" (HTML forms send every field).
     """
 
-    def blank(v: Any) -> bool:
-        return v is None or (isinstance(v, str) and not v.strip())
-
     out: dict[str, Any] = {}
-    if not blank(age):
+    if not _blank(age):
         out["age"] = _number(age, "age", *AGE_RANGE, "years")
-    if not blank(sex):
+    if not _blank(sex):
         t = _term(vocab.sexes, str(sex))
         if t is None and len(str(sex).strip()) == 1:  # "F" / "M" as forms abbreviate
             t = next((s for s in vocab.sexes if s.id[0] == str(sex).strip().lower()), None)
@@ -174,7 +174,7 @@ def build_context(
                 "or leave it out"
             )
         out["sex"] = t.id
-    if not blank(site):
+    if not _blank(site):
         t = _term(vocab.body_sites, str(site))
         if t is None:
             raise InvalidContext(
@@ -182,7 +182,7 @@ def build_context(
                 f"{', '.join(s.id for s in vocab.body_sites)}"
             )
         out["site"] = t.id
-    if not blank(fitzpatrick):
+    if not _blank(fitzpatrick):
         f = str(fitzpatrick).strip().lower().removeprefix("type").strip()
         value = _ROMAN.get(f, f)
         out["fitzpatrick"] = int(
@@ -190,9 +190,9 @@ def build_context(
         )
         if float(value) != out["fitzpatrick"]:
             raise InvalidContext("Fitzpatrick type must be a whole number from 1 to 6")
-    if not blank(diameter_mm):
+    if not _blank(diameter_mm):
         out["diameter_mm"] = _number(diameter_mm, "lesion diameter", *DIAMETER_RANGE_MM, "mm")
-    if not blank(duration_days):
+    if not _blank(duration_days):
         out["duration_days"] = _number(duration_days, "duration", *DURATION_RANGE_DAYS, "days")
     if isinstance(history, Mapping):
         hist = {}

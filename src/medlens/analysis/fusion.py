@@ -108,6 +108,9 @@ def used_fields(ctx: ClinicalContext, fields: tuple[str, ...]) -> list[str]:
     return [g for g in ctx.given() if g.split(".")[0] in fields]
 
 
+UNMEASURED_DERMOSCOPY_WEIGHT = 0.5  # the equal mean, where no validation pairs were fitted
+
+
 @dataclass(frozen=True)
 class FusionHead:
     """W (K × C) for one model fingerprint and domain; rows in ``findings`` order."""
@@ -121,7 +124,7 @@ class FusionHead:
     info: dict[str, Any] = field(default_factory=dict)
     # A clinical photo + dermoscopy pair is scored on (1 - a)·z_clinical + a·z_dermoscopy;
     # a is fitted on validation pairs (Derm7pt) by ``training.fusion.fit_dermoscopy_weight``.
-    dermoscopy_weight: float = 0.5
+    dermoscopy_weight: float = UNMEASURED_DERMOSCOPY_WEIGHT
 
     def evidence(self, ctx: ClinicalContext, vocab: ContextVocabulary) -> np.ndarray:
         """(K,) logit shift the context adds to the calibrated image logits."""
@@ -189,7 +192,7 @@ def read_head(path: Path) -> FusionHead:
             findings=tuple(meta["findings"]),
             weight=weight,
             info=meta.get("info", {}),
-            dermoscopy_weight=float(meta.get("dermoscopy_weight", 0.5)),
+            dermoscopy_weight=float(meta.get("dermoscopy_weight", UNMEASURED_DERMOSCOPY_WEIGHT)),
         )
         if not 0.0 <= head.dermoscopy_weight <= 1.0:
             raise ValueError(f"dermoscopy weight {head.dermoscopy_weight} outside [0, 1]")

@@ -210,7 +210,7 @@ def fit_dermoscopy_weight(
     (then the equal mean, unmeasured)."""
     ci, di = view_pairs(data)
     if len(ci) == 0:
-        return 0.5, {}
+        return F.UNMEASURED_DERMOSCOPY_WEIGHT, {}
     name = str(data.dataset[ci[0]])
     cand = np.array(data.candidates[name])
     y = np.array([int(np.flatnonzero(cand == v)[0]) for v in data.y[di]])
