@@ -81,7 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         def with_gradcam(decoded=decoded):
             a = lens.analyze(decoded)
             pack = load_domain(a.domain)
-            saliency.gradcam(lens.encoder, decoded.pixels, pack, a.findings[0].id, lens.cache_dir)
+            saliency.gradcam(
+                lens.encoder,
+                decoded.pixels,
+                pack,
+                a.findings[0].id,
+                lens.cache_dir,
+                lens.card.calibration,
+            )
 
         variants = {
             "analyze": plain,

@@ -12,15 +12,32 @@ Writes ``--out`` (docs/explain_quality.md, with the command in it) and ``--json`
 
 Sets and default sizes (``DEFAULT_N``; drawn with numpy seed 0, sorted by id):
 
-- **faithfulness** on ``isic2018`` (ISIC 2018 Task 3 test, 1,512) and
-  ``pneumoniamnist`` test (468 chest X-rays, 28 px upsampled): 300 each. For the
-  finding the model ranks first (calibrated probabilities of the scoring rule from the
-  whole-frame input the maps are computed on, no test-time flips), pixels of the model
-  input are deleted (set to the normalisation mean) or inserted (into a blurred copy)
-  in the order of the map, in ``--steps`` equal steps; the curve is that finding's
-  probability, its AUC the mean over the steps (trapezoid on [0, 1]). Orders: text
-  saliency, Grad-CAM, and a random order (seeded per image). Lower deletion AUC and
-  higher insertion AUC than random = the map ranks pixels the score depends on.
+- **faithfulness** on ``isic2018`` (ISIC 2018 Task 3 test, 1,512), ``pneumoniamnist``
+  test (468 chest X-rays, 28 px upsampled) and ``covid_chestxray`` test (86 chest
+  X-rays at their own resolution): up to 300 each (``--faith-split dev``: HAM10000,
+  PneumoniaMNIST and covid-chestxray ``val`` instead, to check the protocol without
+  touching a test split). For the finding the model ranks first (calibrated
+  probabilities of the scoring rule from the whole-frame input the maps are computed
+  on, no test-time flips), pixels of the model input are deleted or inserted (into a
+  blurred copy) in the order of the map, in ``--steps`` equal steps; the curve is that
+  finding's probability, its AUC the mean over the steps (trapezoid on [0, 1]).
+  Deletion *imputes* the deleted pixels from the pixels still present
+  (``deletion_impute``, **the primary curve**: ``push_pull``, a masked image pyramid,
+  a cheap cousin of ROAD's noisy linear imputation, Rong et al. 2022, "A Consistent
+  and Efficient Evaluation Strategy for Attribution Methods", ICML) or sets them to the
+  normalisation mean (``deletion``, the protocol of the first runs, kept for
+  comparison). The imputation was chosen on the dev sets, before the test run: a grey
+  (mean) or blurred fill leaves a lesion-shaped blob in a dermoscopy image and adds an
+  opacity to a chest X-ray, both evidence of their own, so deleting the lesion first did
+  not remove what the model sees there (dev: Grad-CAM above the random map with either
+  fill). Orders: text saliency, Grad-CAM, and two random orders (seeded per image):
+  ``random_map``, a uniform random map on the saliency grid (the Grad-CAM grid's shape)
+  upsampled exactly as the maps are, **the primary baseline** (fixed before any run):
+  both orders then delete blobs of the same size and smoothness and differ only in
+  *where*; and ``random``, a random pixel order, which scatters single deleted pixels
+  over the whole frame, a shape no map has (the shape confound of removal-based
+  metrics, Rong et al. 2022), reported as a second row. Lower deletion AUC and higher
+  insertion AUC than random = the map ranks pixels the score depends on.
 - **prompt sensitivity** on the first ``N_SENS`` (50) images of each faithfulness set:
   the mean pairwise Spearman rho between text-saliency maps of (a) the image's 7
   top-scored findings,
@@ -57,10 +74,27 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_N = {"isic2018": 300, "pneumoniamnist": 300, "derm7pt": 395, "ham10000": 300}
+DEFAULT_N = {"faithfulness": 300, "derm7pt": 395, "ham10000": 300}  # faithfulness: per set
 N_SENS, N_SENS_GRADCAM = 50, 20
 N_TOP_FINDINGS = 7  # prompt sensitivity over each image's 7 top-scored findings
-FAITHFULNESS_SETS = {"isic2018": "dermatology", "pneumoniamnist": "chest_xray"}
+# --faith-split -> {dataset: (domain, split)}; "dev" checks the protocol off the test splits.
+FAITHFULNESS = {
+    "test": {
+        "isic2018": ("dermatology", "test"),
+        "pneumoniamnist": ("chest_xray", "test"),
+        "covid_chestxray": ("chest_xray", "test"),
+    },
+    "dev": {
+        "ham10000": ("dermatology", "val"),
+        "pneumoniamnist": ("chest_xray", "val"),
+        "covid_chestxray": ("chest_xray", "val"),
+    },
+}
+FAITHFULNESS_SETS = FAITHFULNESS["test"]
+CURVES = ("deletion_impute", "deletion", "insertion")
+PRIMARY_CURVE = "deletion_impute"
+MAPS = ("text", "gradcam")
+BASELINES = ("random_map", "random")  # the first is the primary baseline
 # 7-point checklist (Argenziano 1998) criteria in Derm7pt's columns (Kawahara et al. 2019):
 # concept id -> (meta column, values that count as "present").
 CRITERIA = {
@@ -128,6 +162,36 @@ def perturbation_batch(
     return out.reshape(steps + 1, c, h, w)
 
 
+def push_pull(x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """``x`` (N, C, H, W) with the pixels where ``known`` (N, 1, H, W; 1 = kept, 0 =
+    deleted) is 0 filled from the kept ones: masked averages down an image pyramid,
+    then bilinear back up, each level filling only what the finer one lacks (push-pull,
+    Gortler et al. 1996). A deleted blob takes the smooth shading of its surroundings,
+    so deletion removes evidence instead of painting a new shape; nothing kept → zeros
+    (the normalisation mean)."""
+    h, w = x.shape[2:]
+    if min(h, w) <= 1:
+        tot = known.sum(dim=(2, 3), keepdim=True)
+        mean = (x * known).sum(dim=(2, 3), keepdim=True) / tot.clamp_min(1e-8)
+        return known * x + (1 - known) * mean.expand_as(x)
+    wsum = torch.nn.functional.avg_pool2d(known, 2, ceil_mode=True)
+    xs = torch.nn.functional.avg_pool2d(x * known, 2, ceil_mode=True) / wsum.clamp_min(1e-8)
+    coarse = push_pull(xs, (wsum > 0).to(x.dtype))
+    up = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    return known * x + (1 - known) * up
+
+
+def imputed_deletion_batch(x: torch.Tensor, order: np.ndarray, steps: int) -> torch.Tensor:
+    """(steps + 1, C, H, W): ``x`` with the first k/steps of ``order`` deleted and
+    imputed by ``push_pull``, k = 0..steps."""
+    _, c, h, w = x.shape
+    n = h * w
+    known = torch.ones(steps + 1, 1, n, dtype=x.dtype)
+    for k in range(1, steps + 1):
+        known[k, 0, torch.as_tensor(order[: round(n * k / steps)])] = 0
+    return push_pull(x.expand(steps + 1, c, h, w), known.reshape(steps + 1, 1, h, w))
+
+
 def faithfulness_one(
     enc: Any, pack: Any, card: Any, pixels: np.ndarray, steps: int, seed: int
 ) -> dict[str, Any]:
@@ -152,32 +216,38 @@ def faithfulness_one(
     fid = pack.finding_ids[k]
     grids = {
         "text": saliency.text_saliency(enc, pixels, saliency.finding_target(enc, pack, fid)).grid,
-        "gradcam": saliency.gradcam(enc, pixels, pack, fid).grid,
+        "gradcam": saliency.gradcam(enc, pixels, pack, fid, calibration=card.calibration).grid,
     }
     rng = np.random.default_rng(seed)
-    orders = {}
-    for m, g in grids.items():
-        up = saliency.upsample(g, (h, w)).ravel()
+
+    def order_of(grid: np.ndarray) -> np.ndarray:
+        up = saliency.upsample(grid, (h, w)).ravel()
         tie = rng.random(up.size) * 1e-6  # random tie-break (a flat map is a random order)
-        orders[m] = np.argsort(-(up + tie), kind="stable")
+        return np.argsort(-(up + tie), kind="stable")
+
+    orders = {m: order_of(g) for m, g in grids.items()}
+    orders["random_map"] = order_of(rng.random(grids["gradcam"].shape))
     orders["random"] = rng.permutation(h * w)
     blurred = TF.gaussian_blur(x, kernel_size=[51, 51], sigma=[16.0, 16.0])
     mean = torch.zeros_like(x)  # the normalisation mean: "no information" in the input
     out: dict[str, Any] = {"finding": fid, "p0": float(p0[k])}
     for m, order in orders.items():
-        dele = probs(perturbation_batch(x, order, steps, x, mean))[:, k]
-        ins = probs(perturbation_batch(x, order, steps, blurred, x))[:, k]
-        out[m] = {"deletion": curve_auc(dele), "insertion": curve_auc(ins)}
+        out[m] = {
+            "deletion": curve_auc(probs(perturbation_batch(x, order, steps, x, mean))[:, k]),
+            "deletion_impute": curve_auc(probs(imputed_deletion_batch(x, order, steps))[:, k]),
+            "insertion": curve_auc(probs(perturbation_batch(x, order, steps, blurred, x))[:, k]),
+        }
     return out
 
 
-def run_faithfulness(enc, card, name: str, n: int, steps: int) -> dict[str, Any]:
+def run_faithfulness(enc, card, name: str, n: int, steps: int, split: str = "test") -> dict:
     from medlens.datasets import load_dataset
     from medlens.knowledge import load_domain
 
+    domain, rec_split = FAITHFULNESS[split][name]
     man = load_dataset(name)
-    pack = load_domain(FAITHFULNESS_SETS[name])
-    recs = _pick([r for r in man.records if r.split == "test"], n)
+    pack = load_domain(domain)
+    recs = _pick([r for r in man.records if r.split == rec_split], n)
     rows = []
     for i, r in enumerate(recs):
         rows.append(faithfulness_one(enc, pack, card, man.image(r), steps, seed=i))
@@ -185,28 +255,35 @@ def run_faithfulness(enc, card, name: str, n: int, steps: int) -> dict[str, Any]
     print(file=sys.stderr)
     res: dict[str, Any] = {
         "dataset": name,
+        "split": rec_split,
         "domain": pack.id,
         "n": len(rows),
         "steps": steps,
         "top_findings": {f: sum(r["finding"] == f for r in rows) for f in pack.finding_ids},
         "mean_p0": round(float(np.mean([r["p0"] for r in rows])), 4),
     }
-    for curve in ("deletion", "insertion"):
-        base = np.array([r["random"][curve] for r in rows])
-        res[curve] = {"random": _ci(base)}
-        for m in ("text", "gradcam"):
-            res[curve][m] = _paired(np.array([r[m][curve] for r in rows]), base)
+    for curve in CURVES:
+        vals = {m: np.array([r[m][curve] for r in rows]) for m in MAPS + BASELINES}
+        res[curve] = {b: _ci(vals[b]) for b in BASELINES}
+        for m in MAPS:
+            # minus_baseline: against the primary baseline; vs: against each one
+            res[curve][m] = _paired(vals[m], vals[BASELINES[0]])
+            res[curve][m]["vs"] = {
+                b: _paired(vals[m], vals[b])["minus_baseline_ci"] for b in BASELINES
+            }
+            res[curve][m]["vs_mean"] = {
+                b: round(float((vals[m] - vals[b]).mean()), 4) for b in BASELINES
+            }
     return res
 
 
-# -- prompt sensitivity -------------------------------------------------------------------
-def run_sensitivity(enc, name: str, n: int, n_gradcam: int) -> dict[str, Any]:
+def run_sensitivity(enc, card, name: str, n: int, n_gradcam: int) -> dict[str, Any]:
     from medlens.datasets import load_dataset
     from medlens.explain import concepts, saliency
     from medlens.knowledge import load_domain
 
     man = load_dataset(name)
-    pack = load_domain(FAITHFULNESS_SETS[name])
+    pack = load_domain(FAITHFULNESS_SETS[name][0])
     derm, chest = load_domain("dermatology"), load_domain("chest_xray")
 
     def concept_targets(p):
@@ -237,7 +314,14 @@ def run_sensitivity(enc, name: str, n: int, n_gradcam: int) -> dict[str, Any]:
         con.append(mean_pairwise_rho(maps, own_pairs))
         unrel.append(mean_pairwise_rho(maps, cross))
         if i < n_gradcam:
-            gc.append(mean_pairwise_rho([saliency.gradcam(enc, px, pack, f).map for f in top]))
+            gc.append(
+                mean_pairwise_rho(
+                    [
+                        saliency.gradcam(enc, px, pack, f, calibration=card.calibration).map
+                        for f in top
+                    ]
+                )
+            )
         print(f"\r{name} sensitivity {i + 1}/{len(recs)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return {
@@ -302,7 +386,7 @@ def _localisation_helpers():
     return mod
 
 
-def run_localisation(enc, n: int) -> dict[str, Any]:
+def run_localisation(enc, card, n: int) -> dict[str, Any]:
     from medlens.explain import saliency
     from medlens.io import load_image
     from medlens.knowledge import load_domain
@@ -321,7 +405,9 @@ def run_localisation(enc, n: int) -> dict[str, Any]:
             fid = pack.map_label("ham10000", r["dx"])
             maps = {
                 "text": saliency.explain(enc, px, pack, finding=fid).map,
-                "gradcam": saliency.explain(enc, px, pack, finding=fid, method="gradcam").map,
+                "gradcam": saliency.explain(
+                    enc, px, pack, finding=fid, method="gradcam", calibration=card.calibration
+                ).map,
             }
             maps["gaussian"] = saliency.centred_gaussian(mask.shape, mass=float(maps["text"].sum()))
             for m in names:
@@ -350,6 +436,71 @@ def _diff(d: dict[str, Any]) -> str:
     return f"{d['minus_baseline']:+.3f} ({lo:+.3f} to {hi:+.3f})"
 
 
+def _vs(d: dict[str, Any], base: str) -> str:
+    lo, hi = d["vs"][base]
+    return f"{d['vs_mean'][base]:+.3f} ({lo:+.3f} to {hi:+.3f})"
+
+
+CURVE_TEXT = {
+    "deletion": "deletion, pixels set to the normalisation mean (first protocol; lower is better)",
+    "deletion_impute": "deletion, pixels imputed from the rest (primary; lower is better)",
+    "insertion": "insertion into a blurred copy (higher is better)",
+}
+
+
+def faithfulness_markdown(faith: list[dict[str, Any]]) -> list[str]:
+    """One table per curve: each map against both random orders, then the verdicts."""
+    lines = [
+        "## Faithfulness: deletion and insertion for the top finding",
+        "",
+        "The finding the model ranks first; its calibrated probability as input pixels are "
+        "deleted or inserted in the map's order or a random order. AUC = mean probability "
+        "over the curve. Δ = paired difference (map − random order), 95 % bootstrap CI. "
+        "*Random map* (the primary baseline) = a uniform random map on the saliency grid, "
+        "upsampled as the maps are, so it deletes blobs of the same shape; *random pixels* "
+        "= a random pixel order (scattered single pixels). Splits: "
+        + ", ".join(f"{f['dataset']} `{f.get('split', 'test')}`" for f in faith)
+        + ".",
+        "",
+    ]
+    for curve in CURVES:
+        if curve not in faith[0]:
+            continue
+        lines += [
+            f"**{CURVE_TEXT[curve]}**",
+            "",
+            "| set | n | order | AUC | Δ vs random map | Δ vs random pixels |",
+            "|---|---|---|---|---|---|",
+        ]
+        for f in faith:
+            c = f[curve]
+            for b, label in (("random_map", "random map"), ("random", "random pixels")):
+                if b in c:
+                    lines.append(f"| {f['dataset']} | {f['n']} | {label} | {_fmt(c[b])} | — | — |")
+            for meth, label in (("text", "text saliency"), ("gradcam", "Grad-CAM")):
+                d = c[meth]
+                vs_pix = _vs(d, "random") if "vs" in d else "—"
+                lines.append(
+                    f"| {f['dataset']} | {f['n']} | {label} | {_fmt(d)} | {_diff(d)} | {vs_pix} |"
+                )
+        lines.append("")
+    for f in faith:
+        verdict = []
+        for meth in ("text", "gradcam"):
+            hi = f[PRIMARY_CURVE][meth]["minus_baseline_ci"][1]
+            verdict.append(
+                f"{meth}: deletion AUC {'below' if hi < 0 else 'NOT below'} the random map"
+                f"{'' if hi < 0 else ' (CI reaches 0 or above)'}"
+            )
+        tops = ", ".join(f"{k} {v}" for k, v in f["top_findings"].items() if v)
+        lines.append(
+            f"- {f['dataset']}: {'; '.join(verdict)}. Top findings: {tops}; mean "
+            f"starting probability {f['mean_p0']:.3f}; {f['steps']} steps."
+        )
+    lines.append("")
+    return lines
+
+
 def markdown(res: dict[str, Any], command: str) -> str:
     m = res["model"]
     lines = [
@@ -366,49 +517,13 @@ def markdown(res: dict[str, Any], command: str) -> str:
         "",
         "Text = text-conditioned saliency (the projection head at each position of the last "
         "feature map against the finding's prompt ensemble); Grad-CAM = pytorch-grad-cam on "
-        "the last convolutional block, target the finding's logit by the scoring rule. See "
+        "the last convolutional block, target the finding's calibrated score by the scoring "
+        "rule (log-probability for a single-label pack, logit for a multi-label one). See "
         "the script's docstring for every protocol detail.",
         "",
     ]
     if res.get("faithfulness"):
-        lines += [
-            "## Faithfulness: deletion and insertion for the top finding",
-            "",
-            "The finding the model ranks first; its calibrated probability as input pixels "
-            "are deleted (set to the normalisation mean) or inserted into a blurred copy, in "
-            "the map's order or a random order. AUC = mean probability over the curve. "
-            "Deletion: lower is better; insertion: higher is better. Δ = paired difference "
-            "to the random order.",
-            "",
-            "| set | n | order | deletion AUC | Δ vs random | insertion AUC | Δ vs random |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for f in res["faithfulness"]:
-            d, ins = f["deletion"], f["insertion"]
-            lines.append(
-                f"| {f['dataset']} | {f['n']} | random | {_fmt(d['random'])} | — "
-                f"| {_fmt(ins['random'])} | — |"
-            )
-            for meth, label in (("text", "text saliency"), ("gradcam", "Grad-CAM")):
-                lines.append(
-                    f"| {f['dataset']} | {f['n']} | {label} | {_fmt(d[meth])} | {_diff(d[meth])} "
-                    f"| {_fmt(ins[meth])} | {_diff(ins[meth])} |"
-                )
-        lines.append("")
-        for f in res["faithfulness"]:
-            verdict = []
-            for meth in ("text", "gradcam"):
-                hi = f["deletion"][meth]["minus_baseline_ci"][1]
-                verdict.append(
-                    f"{meth}: deletion AUC {'below' if hi < 0 else 'NOT below'} random"
-                    f"{'' if hi < 0 else ' (CI reaches 0 or above)'}"
-                )
-            tops = ", ".join(f"{k} {v}" for k, v in f["top_findings"].items() if v)
-            lines.append(
-                f"- {f['dataset']}: {'; '.join(verdict)}. Top findings: {tops}; mean "
-                f"starting probability {f['mean_p0']:.3f}; {f['steps']} steps."
-            )
-        lines.append("")
+        lines += faithfulness_markdown(res["faithfulness"])
     if res.get("sensitivity"):
         lines += [
             "## Prompt sensitivity",
@@ -494,6 +609,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--steps", type=int, default=16, help="deletion/insertion steps")
     ap.add_argument(
+        "--faith-split",
+        choices=sorted(FAITHFULNESS),
+        default="test",
+        help="faithfulness sets: the test splits, or dev (validation splits) to check the protocol",
+    )
+    ap.add_argument(
         "--parts",
         default="faithfulness,sensitivity,concepts,localisation",
         help="comma-separated subset of faithfulness,sensitivity,concepts,localisation",
@@ -517,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     enc, card = lens.encoder, lens.card
     sizes = {k: size(k, v) for k, v in DEFAULT_N.items()}
     if args.faith_limit > 0:
-        sizes |= {k: min(DEFAULT_N[k], args.faith_limit) for k in FAITHFULNESS_SETS}
+        sizes["faithfulness"] = min(DEFAULT_N["faithfulness"], args.faith_limit)
     n_sens, n_sens_gc = size("sens", N_SENS), size("sens_gc", N_SENS_GRADCAM)
     res: dict[str, Any] = {
         "protocol": "explain-quality",
@@ -543,17 +664,21 @@ def main(argv: list[str] | None = None) -> int:
         res["concepts"] = run_concepts(enc, sizes["derm7pt"])
         write()
     if "localisation" in parts:
-        res["localisation"] = run_localisation(enc, sizes["ham10000"])
+        res["localisation"] = run_localisation(enc, card, sizes["ham10000"])
         write()
     if "sensitivity" in parts:
         res["sensitivity"] = []
         for name in FAITHFULNESS_SETS:
-            res["sensitivity"].append(run_sensitivity(enc, name, n_sens, n_sens_gc))
+            res["sensitivity"].append(run_sensitivity(enc, card, name, n_sens, n_sens_gc))
             write()
     if "faithfulness" in parts:
         res["faithfulness"] = []
-        for name in FAITHFULNESS_SETS:
-            res["faithfulness"].append(run_faithfulness(enc, card, name, sizes[name], args.steps))
+        for name in FAITHFULNESS[args.faith_split]:
+            res["faithfulness"].append(
+                run_faithfulness(
+                    enc, card, name, sizes["faithfulness"], args.steps, args.faith_split
+                )
+            )
             write()
     print(json.dumps(res, indent=2, ensure_ascii=False))
     return 0

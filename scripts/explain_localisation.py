@@ -39,7 +39,7 @@ from medlens.evaluation.metrics import bootstrap_ci
 from medlens.explain import concepts, saliency
 from medlens.io import load_image
 from medlens.knowledge import load_domain
-from medlens.models import load_encoder
+from medlens.pipeline import MedLens
 
 HAM_FINDINGS = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
@@ -87,7 +87,8 @@ def main() -> int:
     args = ap.parse_args()
     root = Path(os.environ.get("MEDLENS_DATA", "../shared/data")) / "ham10000"
     t0 = time.perf_counter()
-    enc = load_encoder("lite")
+    lens = MedLens(model="lite", retrieval=False)  # the encoder and its card
+    enc, cal = lens.encoder, lens.card.calibration
     pack = load_domain("dermatology")
     rows = subset(root, args.n)
     finding_ids = [pack.map_label("ham10000", dx) for dx in HAM_FINDINGS]
@@ -106,7 +107,7 @@ def main() -> int:
             mask = mask_of(zf, r["image_id"])
             assert mask.shape == pixels.shape[:2], (r["image_id"], mask.shape, pixels.shape)
             fid = pack.map_label("ham10000", r["dx"])
-            maps = {"gradcam": saliency.gradcam(enc, pixels, pack, fid).map}
+            maps = {"gradcam": saliency.gradcam(enc, pixels, pack, fid, calibration=cal).map}
             if i < args.n_sens:  # one forward pass for the 7 concepts and the 7 findings
                 text = saliency.text_saliencies(enc, pixels, concept_targets + finding_targets)
                 sens_concepts.append(mean_pairwise_rho([s.map for s in text[:7]]))
@@ -118,7 +119,7 @@ def main() -> int:
                             [
                                 maps["gradcam"]
                                 if f == fid
-                                else saliency.gradcam(enc, pixels, pack, f).map
+                                else saliency.gradcam(enc, pixels, pack, f, calibration=cal).map
                                 for f in finding_ids
                             ]
                         )

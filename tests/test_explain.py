@@ -143,6 +143,32 @@ def test_gradcam_target_is_the_scoring_rules_logit(enc, derm, skin):
     np.testing.assert_allclose(z, ref, rtol=1e-3, atol=1e-3)
 
 
+def test_gradcam_target_is_the_calibrated_score(enc, derm, skin, data_dir):
+    """With the card's calibration, Grad-CAM's model outputs the log of the probability
+    the scoring rule reports (single-label), so the map explains that number; for a
+    multi-label pack the probability is monotone in the logit and the map is unchanged."""
+    import torch
+
+    from medlens.models.card import card_for
+
+    cal = card_for(enc).calibration
+    cls = zeroshot.finding_embeddings(enc, derm)
+    scored = saliency.CalibratedScore(saliency.FindingLogits(enc, cls, None), derm, cal)
+    x = saliency.frame_tensor(enc, skin)
+    with torch.no_grad():
+        logp, z = scored(x).numpy(), scored.logits(x).numpy()
+    np.testing.assert_allclose(np.exp(logp), scoring.calibrated(z, derm, cal), atol=1e-5)
+    raw = saliency.gradcam(enc, skin, derm, "melanoma")
+    cal_map = saliency.gradcam(enc, skin, derm, "melanoma", calibration=cal)
+    assert not np.allclose(raw.grid, cal_map.grid)  # the softmax changes what counts
+    cxr = load_domain("chest_xray")
+    px = load_image(data_dir / CXR).pixels
+    f = cxr.finding_ids[0]
+    a = saliency.gradcam(enc, px, cxr, f)
+    b = saliency.gradcam(enc, px, cxr, f, calibration=cal)
+    np.testing.assert_allclose(a.map, b.map, atol=1e-4)
+
+
 def test_chest_xray_finding_map_uses_the_reference(enc, data_dir):
     cxr = load_domain("chest_xray")
     px = load_image(data_dir / CXR).pixels
@@ -401,6 +427,17 @@ def test_deletion_batches_and_curve_auc():
     # insertion: from a start image, the first pixels of the order come from the input
     ins = q.perturbation_batch(x, order, 3, torch.zeros_like(x), x)
     assert (ins[0] == 0).all() and torch.equal(ins[3], x[0])
+    # imputed deletion: kept pixels stay, a hole in a flat image takes its value, a hole
+    # is filled from its surroundings (not from what was there), all deleted → the mean
+    flat = torch.full((1, 3, 37, 50), 2.0)
+    known = torch.ones(1, 1, 37, 50)
+    known[..., 10:20, 15:30] = 0
+    filled = q.push_pull(flat * known + (1 - known) * 9.0, known)
+    assert torch.allclose(filled, flat, atol=1e-5)
+    ramp = torch.linspace(0, 1, 50).expand(1, 3, 37, 50).clone()
+    assert (q.push_pull(ramp, known) - ramp).abs().max() < 0.15
+    b = q.imputed_deletion_batch(ramp, np.random.default_rng(0).permutation(37 * 50), 4)
+    assert b.shape == (5, 3, 37, 50) and torch.equal(b[0], ramp[0]) and (b[4] == 0).all()
     # the criteria map to the pack's concepts
     assert set(q.CRITERIA) == {c.id for c in load_domain("dermatology").domain.concepts}
 
@@ -431,9 +468,12 @@ def test_explain_quality_script_smoke(tmp_path, data_dir):
     assert [f["dataset"] for f in d["faithfulness"]] == ["isic2018", "pneumoniamnist"]
     for f in d["faithfulness"]:
         assert f["n"] == 2 and f["steps"] == 2
-        for curve in ("deletion", "insertion"):
-            for m in ("random", "text", "gradcam"):
+        assert f["split"] == "test"
+        for curve in ("deletion_impute", "deletion", "insertion"):
+            for m in ("random", "random_map", "text", "gradcam"):
                 assert 0.0 <= f[curve][m]["mean"] <= 1.0
+            for m in ("text", "gradcam"):  # paired against both random orders
+                assert set(f[curve][m]["vs"]) == {"random", "random_map"}
     assert len(d["concepts"]["criteria"]) == 7 and d["localisation"]["n"] == 2
     md = out.read_text()
     assert "python benchmarks/explain_quality.py --limit 2 --steps 2" in md

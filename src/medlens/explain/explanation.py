@@ -214,6 +214,7 @@ def cached_saliency(
         query=query,
         method=method,
         cache_dir=lens.cache_dir,
+        calibration=lens.card.calibration,
     )
     with _LOCK:
         _CACHE[key] = sal

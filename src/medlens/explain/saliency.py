@@ -13,8 +13,11 @@ tensor ``analyze`` scores, before its test-time flips.)
   "normal study" reference for multi-label packs), for a free-text query the query's
   text embedding. No gradient; one forward pass.
 - **Grad-CAM** (``gradcam``): pytorch-grad-cam's ``GradCAM`` on the last convolutional
-  block of the image tower, the target being one finding's logit computed by the same
-  rule from the pooled embedding; one backward pass per target (one call per finding).
+  block of the image tower, the target being one finding's *calibrated score* computed by
+  the same rule from the pooled embedding (``CalibratedScore``: the calibrated
+  log-probability for a single-label pack, whose softmax lets every other finding move a
+  probability; the logit for a multi-label one, where that gives the same map); one
+  backward pass per target (one call per finding).
   For open_clip ViT towers (``vit_gradcam``): the last block's first LayerNorm, patch
   tokens reshaped to the patch grid (``vit_reshape``), on the encoder's own centre crop.
 
@@ -229,15 +232,41 @@ class FindingLogits(nn.Module):
         return z
 
 
+class CalibratedScore(nn.Module):
+    """A finding-logits module whose outputs are the scores ``analyze`` calibrates: for a
+    single-label pack log softmax((z + b) / T), the log of the probability the user sees
+    (Grad-CAM of a raw logit also credits evidence that raises every finding alike, which
+    the softmax cancels); for a multi-label pack the logit itself (each probability is
+    an increasing function of its own logit, so Grad-CAM's map is the same)."""
+
+    def __init__(self, logits: nn.Module, pack: KnowledgePack, calibration: Any):
+        super().__init__()
+        self.logits = logits
+        self.single = pack.task != "multi_label"
+        bias = calibration.bias_for(pack.id, pack.finding_ids) if self.single else 0.0
+        self.register_buffer("bias", torch.as_tensor(bias, dtype=torch.float32))
+        self.temperature = float(calibration.temperature_for(pack.id))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.logits(x)
+        return F.log_softmax((z + self.bias) / self.temperature, dim=-1) if self.single else z
+
+
+def _scored(model: nn.Module, pack: KnowledgePack, calibration: Any | None) -> nn.Module:
+    return model if calibration is None else CalibratedScore(model, pack, calibration)
+
+
 def gradcam(
     encoder: Any,
     pixels: np.ndarray,
     pack: KnowledgePack,
     finding_id: str,
     cache_dir: Path | None = None,
+    calibration: Any | None = None,
 ) -> Saliency:
     """Grad-CAM (pytorch-grad-cam) on the last convolutional block for one finding's
-    logit from the scoring rule; one backward pass for this one target."""
+    calibrated score (``CalibratedScore``; the raw logit without ``calibration``); one
+    backward pass for this one target."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -249,7 +278,12 @@ def gradcam(
     x = frame_tensor(encoder, pixels)
     was_training = encoder.training
     try:
-        with torch.enable_grad(), GradCAM(model=model, target_layers=[model.blocks[-1]]) as cam:
+        with (
+            torch.enable_grad(),
+            GradCAM(
+                model=_scored(model, pack, calibration), target_layers=[model.blocks[-1]]
+            ) as cam,
+        ):
             out = cam(input_tensor=x, targets=[ClassifierOutputTarget(k)])[0]
             # The low-resolution map: pytorch-grad-cam's own weights × activations.
             acts = cam.activations_and_grads.activations[-1].numpy()
@@ -328,11 +362,13 @@ def vit_gradcam(
     pack: KnowledgePack,
     finding_id: str,
     cache_dir: Path | None = None,
+    calibration: Any | None = None,
 ) -> Saliency:
     """Grad-CAM on the last transformer block's first LayerNorm of an open_clip ViT
-    (patch tokens reshaped to the patch grid), target one finding's logit by the scoring
-    rule from the unit image embedding; the image goes through the encoder's own eval
-    transform (centre crop), and the map is put back into the image's geometry."""
+    (patch tokens reshaped to the patch grid), target one finding's calibrated score by
+    the scoring rule from the unit image embedding (as ``gradcam``); the image goes
+    through the encoder's own eval transform (centre crop), and the map is put back
+    into the image's geometry."""
     from PIL import Image
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -350,7 +386,11 @@ def vit_gradcam(
     reshape = vit_reshape(visual.grid_size, getattr(visual.transformer, "batch_first", True))
     with (
         torch.enable_grad(),
-        GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam,
+        GradCAM(
+            model=_scored(model, pack, calibration),
+            target_layers=[layer],
+            reshape_transform=reshape,
+        ) as cam,
     ):
         cam(input_tensor=x, targets=[ClassifierOutputTarget(k)])
         acts = cam.activations_and_grads.activations[-1].cpu().numpy()
@@ -371,9 +411,11 @@ def explain(
     query: str | None = None,
     method: str = "text",
     cache_dir: Path | None = None,
+    calibration: Any | None = None,
 ) -> Saliency:
-    """One map: for ``finding`` (text saliency or Grad-CAM) or for a free-text ``query``
-    (text saliency only)."""
+    """One map: for ``finding`` (text saliency or Grad-CAM, whose target is the finding's
+    score under ``calibration``, the model card's) or for a free-text ``query`` (text
+    saliency only)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if (finding is None) == (query is None):
@@ -384,8 +426,8 @@ def explain(
         return text_saliency(encoder, pixels, query_target(encoder, query))
     if method == "gradcam":
         if is_open_clip_vit(encoder):
-            return vit_gradcam(encoder, pixels, pack, finding, cache_dir)
-        return gradcam(encoder, pixels, pack, finding, cache_dir)
+            return vit_gradcam(encoder, pixels, pack, finding, cache_dir, calibration)
+        return gradcam(encoder, pixels, pack, finding, cache_dir, calibration)
     return text_saliency(encoder, pixels, finding_target(encoder, pack, finding, cache_dir))
 
 
