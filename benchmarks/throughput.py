@@ -67,9 +67,9 @@ def _interleaved(
 
 def bare_forward(enc) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The network alone for encoders whose parts we know (lite); None otherwise."""
-    if not hasattr(enc, "image_head") or not hasattr(enc, "_towers"):
+    if not hasattr(enc, "image_head") or not hasattr(enc, "image_tower"):
         return None
-    tower = enc._towers()[0]
+    tower = enc.image_tower()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

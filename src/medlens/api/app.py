@@ -110,6 +110,12 @@ class Service:
             self.load_s = time.perf_counter() - t0
             self.ready = True
             log.info("model %s ready in %.1f s", self.lens.model_name, self.load_s)
+            warm_text = getattr(enc, "warm_text", None)
+            if warm_text is not None:  # ready for images now; symptom text soon after
+                try:
+                    warm_text()
+                except Exception:  # a text request will report it; images still work
+                    log.exception("text tower failed to load")
         except MedLensError as exc:
             self.ready_error = f"{type(exc).__name__}: {exc}"
             log.error("model failed to load: %s", self.ready_error)

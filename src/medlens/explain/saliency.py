@@ -131,7 +131,7 @@ def _split(encoder: Any) -> tuple[Any, nn.Sequential]:
     last of those blocks is the last convolutional block Grad-CAM hooks."""
     if encoder.image_tail is not None:
         return encoder.prefix_forward, encoder.image_tail[0]
-    blocks = encoder._towers()[0][0]  # the shared frozen MobileNetV2 .features
+    blocks = encoder.image_tower()[0]  # the shared frozen MobileNetV2 .features
     n = len(blocks) - 1
 
     def prefix(x: torch.Tensor) -> torch.Tensor:

@@ -215,8 +215,11 @@ def _image_tower(backbone: str, device: str) -> nn.Module:
     return net
 
 
+_TEXT_TOWER_LOCK = threading.Lock()
+
+
 @lru_cache(maxsize=2)
-def _text_tower(device: str) -> tuple[Any, nn.Module]:
+def _load_text_tower(device: str) -> tuple[Any, nn.Module]:
     from transformers import AutoModel, AutoTokenizer
 
     path = _text_model_dir()
@@ -225,6 +228,14 @@ def _text_tower(device: str) -> tuple[Any, nn.Module]:
         model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
     model.requires_grad_(False)
     return tok, model
+
+
+def _text_tower(device: str) -> tuple[Any, nn.Module]:
+    """The frozen MiniLM, loaded on first use (importing transformers and reading the
+    weights is most of a cold start, and an image analysis with cached prompt
+    embeddings needs no text); one load even when two threads ask at once."""
+    with _TEXT_TOWER_LOCK:
+        return _load_text_tower(device)
 
 
 def mean_pooled_text(
@@ -390,8 +401,11 @@ class LiteEncoder(nn.Module):
         mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
         self._norm = (mean.to(device) * 255.0, std.to(device) * 255.0)
-        # Load the towers now: failures surface at construction, not mid-request.
-        tower = self._towers()[0]
+        # The image tower now and the text tower's files checked now, so a missing
+        # package surfaces at construction, not mid-request; the text tower itself
+        # loads on first use (``warm_text``).
+        tower = self.image_tower()
+        _text_model_dir()
         self.image_tail: nn.Module | None = None
         if self.tune_from is not None:
             blocks = tower[0]
@@ -524,7 +538,7 @@ class LiteEncoder(nn.Module):
         """Normalised pixels (N, 3, S, S) → pooled features; differentiable through the
         tail (if any) when called with grad enabled, the frozen prefix never is."""
         if self.image_tail is None:
-            return self._towers()[0](x.contiguous(memory_format=torch.channels_last))
+            return self.image_tower()(x.contiguous(memory_format=torch.channels_last))
         return self.image_tail(self.prefix_forward(x))
 
     def prefix_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -533,7 +547,7 @@ class LiteEncoder(nn.Module):
         if self.tune_from is None:
             raise ConfigError("prefix_forward needs a lite encoder with tune_from set")
         with torch.no_grad():
-            blocks = self._towers()[0][0]
+            blocks = self.image_tower()[0]
             return blocks[: self.tune_from](x.contiguous(memory_format=torch.channels_last))
 
     def embed_from_features(
@@ -621,9 +635,14 @@ class LiteEncoder(nn.Module):
         return self.normalise(self.resize_crop(images))
 
     # -- internals ------------------------------------------------------------------------
-    def _towers(self) -> tuple[nn.Module, Any, nn.Module]:
-        tok, text = _text_tower(self.device_name)
-        return _image_tower(self.backbone, self.device_name), tok, text
+    def image_tower(self) -> nn.Module:
+        """The shared frozen image backbone (``[0]``: its feature blocks)."""
+        return _image_tower(self.backbone, self.device_name)
+
+    def warm_text(self) -> None:
+        """Load the text tower now (the service does it once it is ready, so the first
+        request with symptom text does not pay for it)."""
+        _text_tower(self.device_name)
 
     def _param_device(self) -> torch.device:
         return self.logit_scale_param.device
