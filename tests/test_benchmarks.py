@@ -102,3 +102,24 @@ def test_flips_benchmark_smoke(tmp_path: Path) -> None:
     assert len(r["rows"]) == 5 and r["smoke"] is True
     assert isinstance(r["keep"], bool) and r["latency"]["ratio"] > 1.0
     assert "validation" in md.read_text() and "Decision" in md.read_text()
+
+
+@pytest.mark.slow
+def test_cold_start_benchmark_smoke(tmp_path: Path, data_dir: Path) -> None:
+    r = _run(["benchmarks/cold_start.py", "--runs", "1"], tmp_path, timeout=900)
+    assert r["first_result_s"] > 0 and r["readyz_s"] > 0 and len(r["first_result_runs_s"]) == 1
+    assert r["transformers_imported"] is False  # warm home, image only: no text tower
+    assert r["importtime_top"] and all(m["cumulative_ms"] >= 0 for m in r["importtime_top"])
+    md = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/cold_start.py",
+            "--table",
+            *[str(tmp_path / "result.json")] * 2,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "service start → /readyz" in md and md.count("\n|") >= 8
