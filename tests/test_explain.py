@@ -506,6 +506,22 @@ TINY_VIT = {
 }
 
 
+def _check_two_vit_maps(enc, px, derm, params, cropped: bool) -> None:
+    """Grad-CAM of a tiny random ViT tower (4 x 4 patches) for two findings: maps in the
+    image's geometry, one per target, no gradient left on the weights."""
+    a = saliency.explain(enc, px, derm, finding="melanoma", method="gradcam")
+    b = saliency.explain(enc, px, derm, finding="vitiligo", method="gradcam")
+    for s in (a, b):
+        # random weights: the positive part of a CAM may be empty (then the map is zero)
+        assert s.map.shape == px.shape[:2] and np.isfinite(s.map).all()
+        assert s.map.min() >= 0.0 and s.map.max() <= 1.0
+        assert s.grid.shape == (4, 4) and np.isfinite(s.grid).all() and s.grid.any()
+        if cropped:  # zero outside the centre square the tower saw
+            assert (s.map[:, :25] == 0).all() and (s.map[:, -25:] == 0).all()
+    assert saliency.rank_correlation(a.grid, b.grid) < 0.999  # one map per target
+    assert all(p.grad is None for p in params)
+
+
 @pytest.fixture(scope="module")
 def tiny_vit(tmp_path_factory):
     import open_clip
@@ -545,16 +561,7 @@ def test_vit_gradcam_targets_the_scoring_logit_and_differs_per_finding(tiny_vit,
     np.testing.assert_allclose(
         z, scoring.finding_logits(enc, derm, enc.embed_images([px])), rtol=1e-4, atol=1e-4
     )
-    a = saliency.explain(enc, px, derm, finding="melanoma", method="gradcam")
-    b = saliency.explain(enc, px, derm, finding="vitiligo", method="gradcam")
-    for s in (a, b):
-        # random weights: the positive part of a CAM may be empty (then the map is zero)
-        assert s.map.shape == px.shape[:2] and np.isfinite(s.map).all()
-        assert s.map.min() >= 0.0 and s.map.max() <= 1.0
-        assert s.grid.shape == (4, 4) and np.isfinite(s.grid).all() and s.grid.any()
-        assert (s.map[:, :25] == 0).all() and (s.map[:, -25:] == 0).all()  # outside the crop
-    assert saliency.rank_correlation(a.grid, b.grid) < 0.999  # one map per target
-    assert all(p.grad is None for p in enc.model.parameters())
+    _check_two_vit_maps(enc, px, derm, enc.model.parameters(), cropped=True)
     with pytest.raises(ConfigError, match="lite"):
         saliency.explain(enc, px, derm, finding="melanoma", method="text")
 
@@ -605,3 +612,81 @@ def test_analyze_explain_attaches_maps_for_the_top_findings(data_dir, tmp_path) 
         assert 0.1 <= m["top10_energy"] <= 1.0
     plain = runner.invoke(app, ["analyze", str(data_dir / SKIN), "--json"], env=env)
     assert "explanations" not in json.loads(plain.stdout.strip().splitlines()[-1])
+
+
+# -- Grad-CAM for transformers ViT towers and the supervised chest X-ray classifier -----
+@pytest.fixture(scope="module", params=["clip", "siglip"])
+def tiny_hf(request, tmp_path_factory):
+    """A tiny randomly initialised transformers CLIP / SigLIP saved to a folder and
+    loaded as ``hf:`` (built as in test_models: hub models never download in tests)."""
+    from test_models import _tiny_hf
+
+    from medlens.models import clear_encoder_cache
+
+    model, proc, tok, _ = _tiny_hf(request.param)
+    folder = tmp_path_factory.mktemp(f"explain-tiny-{request.param}")
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    clear_encoder_cache()
+    return load_encoder(f"hf:{folder}")
+
+
+def test_hf_vit_gradcam_targets_the_scoring_logit_in_the_image_geometry(tiny_hf, derm, data_dir):
+    import torch
+    from PIL import Image as PILImage
+
+    enc = tiny_hf
+    assert saliency.is_hf_vit(enc) and not saliency.is_open_clip_vit(enc)
+    px = load_image(data_dir / HAM).pixels  # 150 x 200
+    cls = zeroshot.finding_embeddings(enc, derm)
+    model = saliency.EmbeddingLogits(
+        saliency.HFImageFeatures(enc.model), cls, None, enc.logit_scale
+    )
+    x = enc.image_processor(images=[PILImage.fromarray(px)], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        z = model(x).numpy()
+    ref = scoring.finding_logits(enc, derm, enc.embed_images([px]))
+    np.testing.assert_allclose(z, ref, rtol=1e-4, atol=1e-4)
+    # CLIP's processor crops the centre square; SigLIP's resizes the whole frame
+    _check_two_vit_maps(enc, px, derm, enc.model.parameters(), enc.model_type == "clip")
+
+
+@pytest.fixture(scope="module")
+def tiny_txv(tmp_path_factory):
+    """A randomly initialised torchxrayvision-layout DenseNet121 in a weight file."""
+    import torch
+
+    from medlens.models.txv import DEFAULT_PATHOLOGIES, TxvClassifier, build_densenet121
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("explain-txv") / "txv-random.pt"
+    names = list(DEFAULT_PATHOLOGIES)
+    torch.save({"state_dict": build_densenet121().state_dict(), "pathologies": names}, path)
+    return TxvClassifier(path)
+
+
+def test_classifier_gradcam_explains_the_classifiers_output(tiny_txv, enc, data_dir):
+    cxr = load_domain("chest_xray")
+    px = load_image(data_dir / CXR).pixels
+    clf = tiny_txv
+    found = sorted(clf.findings)
+    a = saliency.explain(enc, px, cxr, finding=found[0], method="gradcam", classifier=clf)
+    b = saliency.explain(enc, px, cxr, finding=found[1], method="gradcam", classifier=clf)
+    for s in (a, b):
+        _ok(s.map, px.shape[:2])
+        assert s.method == "gradcam" and s.grid.shape == (7, 7)
+    assert not np.allclose(a.grid, b.grid)  # one map per output
+    assert all(p.grad is None for p in clf.model.parameters())
+    # the same call without the classifier explains the zero-shot encoder instead
+    zs = saliency.explain(enc, px, cxr, finding=found[0], method="gradcam")
+    assert zs.grid.shape != a.grid.shape or not np.allclose(zs.grid, a.grid)
+    with pytest.raises(ConfigError, match="does not score"):
+        saliency.classifier_gradcam(clf, px, "no_finding_here")
+    # through explain_image (CLI, API, UI): a lens with the classifier explains it
+    from medlens import MedLens
+    from medlens.explain.explanation import explain_image
+
+    lens = MedLens(classifiers=[f"txv:{clf.path}"], retrieval=False)
+    ex = explain_image(lens, data_dir / CXR, finding=found[0], method="gradcam")
+    np.testing.assert_allclose(ex.saliency.grid, a.grid, rtol=1e-4, atol=1e-6)

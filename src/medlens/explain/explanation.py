@@ -200,7 +200,9 @@ def cached_saliency(
     method: str,
 ) -> saliency.Saliency:
     enc = lens.encoder
-    key = cache_key(decoded.content_hash, enc.fingerprint, pack, method, finding, query)
+    clf = lens.classifiers.get(pack.id) if method == "gradcam" else None
+    models = enc.fingerprint if clf is None else f"{enc.fingerprint}+{clf.fingerprint}"
+    key = cache_key(decoded.content_hash, models, pack, method, finding, query)
     with _LOCK:
         hit = _CACHE.get(key)
         if hit is not None:
@@ -215,6 +217,7 @@ def cached_saliency(
         method=method,
         cache_dir=lens.cache_dir,
         calibration=lens.card.calibration,
+        classifier=clf,
     )
     with _LOCK:
         _CACHE[key] = sal

@@ -18,8 +18,12 @@ tensor ``analyze`` scores, before its test-time flips.)
   log-probability for a single-label pack, whose softmax lets every other finding move a
   probability; the logit for a multi-label one, where that gives the same map); one
   backward pass per target (one call per finding).
-  For open_clip ViT towers (``vit_gradcam``): the last block's first LayerNorm, patch
-  tokens reshaped to the patch grid (``vit_reshape``), on the encoder's own centre crop.
+  For open_clip ViT towers (``vit_gradcam``) and transformers CLIP/SigLIP towers
+  (``hf_vit_gradcam``): the last block's first LayerNorm, patch tokens reshaped to the
+  patch grid (``vit_reshape``), on the encoder's own preprocessing. For a domain's
+  supervised classifier (``classifier_gradcam``, the txv DenseNet121 chest X-ray model):
+  its last dense block, for the output that scores the finding, since ``analyze``
+  reports that classifier's probability.
 
 Maps are returned min-max scaled to [0, 1] (``Saliency.map``, the image's (H, W)), with
 the raw values on the feature grid kept in ``Saliency.grid``. The metrics at the end
@@ -103,7 +107,7 @@ def _check_lite(encoder: Any) -> None:
     if getattr(encoder, "name", None) != "lite" or not hasattr(encoder, "image_head"):
         raise ConfigError(
             "text saliency is implemented for the lite encoder only so far (open_clip "
-            "ViT towers have Grad-CAM: --method gradcam); use --model lite"
+            "and hf: ViT towers have Grad-CAM: --method gradcam); use --model lite"
         )
 
 
@@ -256,6 +260,26 @@ def _scored(model: nn.Module, pack: KnowledgePack, calibration: Any | None) -> n
     return model if calibration is None else CalibratedScore(model, pack, calibration)
 
 
+def _cam(
+    model: nn.Module, layer: nn.Module, x: torch.Tensor, k: int, reshape: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """pytorch-grad-cam at ``layer`` for output ``k`` of ``model``: the signed
+    low-resolution CAM (its weights × activations, (gh, gw)) and its own map at the
+    input's size (positive part, scaled)."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    with (
+        torch.enable_grad(),
+        GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam,
+    ):
+        out = cam(input_tensor=x, targets=[ClassifierOutputTarget(k)])[0]
+        acts = cam.activations_and_grads.activations[-1].cpu().numpy()
+        grads = cam.activations_and_grads.gradients[-1].cpu().numpy()
+    weights = grads.mean(axis=(2, 3), keepdims=True)
+    return (weights * acts).sum(axis=1)[0].astype(np.float32), out.astype(np.float32)
+
+
 def gradcam(
     encoder: Any,
     pixels: np.ndarray,
@@ -267,9 +291,6 @@ def gradcam(
     """Grad-CAM (pytorch-grad-cam) on the last convolutional block for one finding's
     calibrated score (``CalibratedScore``; the raw logit without ``calibration``); one
     backward pass for this one target."""
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
     _check_lite(encoder)
     f = pack.finding(finding_id)
     k = pack.finding_ids.index(f.id)
@@ -278,24 +299,12 @@ def gradcam(
     x = frame_tensor(encoder, pixels)
     was_training = encoder.training
     try:
-        with (
-            torch.enable_grad(),
-            GradCAM(
-                model=_scored(model, pack, calibration), target_layers=[model.blocks[-1]]
-            ) as cam,
-        ):
-            out = cam(input_tensor=x, targets=[ClassifierOutputTarget(k)])[0]
-            # The low-resolution map: pytorch-grad-cam's own weights × activations.
-            acts = cam.activations_and_grads.activations[-1].numpy()
-            grads = cam.activations_and_grads.gradients[-1].numpy()
+        signed, out = _cam(_scored(model, pack, calibration), model.blocks[-1], x, k)
     finally:
         encoder.zero_grad(set_to_none=True)
         encoder.train(was_training)
-    weights = grads.mean(axis=(2, 3), keepdims=True)
-    grid = np.maximum((weights * acts).sum(axis=1)[0], 0).astype(np.float32)
-    return Saliency(
-        upsample(out.astype(np.float32), pixels.shape[:2]), grid, "gradcam", f.id, f.name
-    )
+    grid = np.maximum(signed, 0)
+    return Saliency(upsample(out, pixels.shape[:2]), grid, "gradcam", f.id, f.name)
 
 
 # -- Grad-CAM for open_clip ViT towers ----------------------------------------------------
@@ -356,6 +365,23 @@ def _centre_square(grid_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return scale01(out)
 
 
+def _token_cam(
+    model: nn.Module,
+    layer: nn.Module,
+    grid: tuple[int, int],
+    x: torch.Tensor,
+    k: int,
+    pack: KnowledgePack,
+    calibration: Any | None,
+    batch_first: bool = True,
+) -> np.ndarray:
+    """The signed Grad-CAM (gh, gw) of ViT tokens at ``layer`` for output ``k`` of
+    ``model`` (calibrated as ``_scored`` does); patch tokens reshaped by ``vit_reshape``."""
+    x.requires_grad_(True)  # the tower's weights are frozen: gradients start at the input
+    reshape = vit_reshape(grid, batch_first)
+    return _cam(_scored(model, pack, calibration), layer, x, k, reshape)[0]
+
+
 def vit_gradcam(
     encoder: Any,
     pixels: np.ndarray,
@@ -370,8 +396,6 @@ def vit_gradcam(
     through the encoder's own eval transform (centre crop), and the map is put back
     into the image's geometry."""
     from PIL import Image
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     if not is_open_clip_vit(encoder):
         raise ConfigError("vit_gradcam needs an open_clip encoder with a ViT image tower")
@@ -381,24 +405,107 @@ def vit_gradcam(
     visual = encoder.model.visual
     model = EmbeddingLogits(visual, cls, ref, encoder.logit_scale)  # encode_image = visual
     x = encoder.preprocess(Image.fromarray(np.asarray(pixels)))[None].to(encoder.device)
-    x.requires_grad_(True)  # the tower's weights are frozen: gradients start at the input
     layer = visual.transformer.resblocks[-1].ln_1
-    reshape = vit_reshape(visual.grid_size, getattr(visual.transformer, "batch_first", True))
-    with (
-        torch.enable_grad(),
-        GradCAM(
-            model=_scored(model, pack, calibration),
-            target_layers=[layer],
-            reshape_transform=reshape,
-        ) as cam,
-    ):
-        cam(input_tensor=x, targets=[ClassifierOutputTarget(k)])
-        acts = cam.activations_and_grads.activations[-1].cpu().numpy()
-        grads = cam.activations_and_grads.gradients[-1].cpu().numpy()
-    weights = grads.mean(axis=(2, 3), keepdims=True)
-    signed = (weights * acts).sum(axis=1)[0].astype(np.float32)
+    batch_first = getattr(visual.transformer, "batch_first", True)
+    signed = _token_cam(model, layer, visual.grid_size, x, k, pack, calibration, batch_first)
     # ``grid`` keeps the signed CAM (a map can have no positive part: then it is all zero)
     heat = _centre_square(np.maximum(signed, 0), pixels.shape[:2])
+    return Saliency(heat, signed, "gradcam", f.id, f.name)
+
+
+# -- Grad-CAM for transformers ViT towers (hf: CLIP, SigLIP) ------------------------------
+def is_hf_vit(encoder: Any) -> bool:
+    """An ``hf:`` encoder whose vision tower is a ViT (patch embedding + encoder layers):
+    CLIP and SigLIP; ALIGN's EfficientNet is not."""
+    vision = getattr(getattr(encoder, "model", None), "vision_model", None)
+    return (
+        getattr(encoder, "name", "").startswith("hf:")
+        and hasattr(getattr(vision, "embeddings", None), "patch_embedding")
+        and hasattr(getattr(vision, "encoder", None), "layers")
+    )
+
+
+class HFImageFeatures(nn.Module):
+    """``get_image_features`` of a transformers dual encoder as a module (pixel values →
+    the projected image embedding before normalisation)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from medlens.models.hf_encoder import _pooled
+
+        return _pooled(self.model.get_image_features(pixel_values=x))
+
+
+def hf_vit_gradcam(
+    encoder: Any,
+    pixels: np.ndarray,
+    pack: KnowledgePack,
+    finding_id: str,
+    cache_dir: Path | None = None,
+    calibration: Any | None = None,
+) -> Saliency:
+    """Grad-CAM for an ``hf:`` CLIP or SigLIP image tower, as ``vit_gradcam``: the last
+    encoder layer's first LayerNorm, patch tokens on the patch grid (CLIP's class token
+    dropped), target the finding's calibrated score from the unit image embedding; the
+    image goes through the model's own image processor, and the map back into the
+    image's geometry (the centre square when the processor crops, the whole frame when
+    it resizes to a square, as SigLIP's does)."""
+    from PIL import Image
+
+    if not is_hf_vit(encoder):
+        raise ConfigError(
+            "hf_vit_gradcam needs an hf: encoder with a ViT vision tower (CLIP, SigLIP); "
+            "ALIGN's EfficientNet tower has no Grad-CAM here yet"
+        )
+    f = pack.finding(finding_id)
+    k = pack.finding_ids.index(f.id)
+    cls, ref = zeroshot.scoring_embeddings(encoder, pack, cache_dir)
+    model = EmbeddingLogits(HFImageFeatures(encoder.model), cls, ref, encoder.logit_scale)
+    proc = encoder.image_processor
+    x = proc(images=[Image.fromarray(np.asarray(pixels))], return_tensors="pt")["pixel_values"]
+    x = x.to(encoder.device)
+    patch = int(encoder.model.config.vision_config.patch_size)
+    grid = (x.shape[2] // patch, x.shape[3] // patch)
+    layer = encoder.model.vision_model.encoder.layers[-1].layer_norm1
+    signed = _token_cam(model, layer, grid, x, k, pack, calibration)
+    positive = np.maximum(signed, 0)
+    if getattr(proc, "do_center_crop", False):
+        heat = _centre_square(positive, pixels.shape[:2])
+    else:
+        heat = upsample(positive, pixels.shape[:2])
+    return Saliency(heat, signed, "gradcam", f.id, f.name)
+
+
+# -- Grad-CAM for a supervised classifier (txv DenseNet121) -------------------------------
+def classifier_gradcam(classifier: Any, pixels: np.ndarray, finding_id: str) -> Saliency:
+    """Grad-CAM of a torchxrayvision DenseNet121 (``models.txv``) on its last dense
+    block's output (``features[-1]``) for the output that scores ``finding_id``; the
+    target is that output's logit, whose sigmoid is the probability ``analyze`` reports
+    for the finding. The classifier sees the centre square (txv preprocessing), so the
+    map is put back there."""
+
+    from medlens.knowledge import load_domain
+    from medlens.models.txv import TxvClassifier, preprocess
+
+    if not isinstance(classifier, TxvClassifier):
+        raise ConfigError("Grad-CAM for a supervised classifier supports txv: DenseNet121 only")
+    col = classifier.findings.get(finding_id)
+    if col is None:
+        raise ConfigError(
+            f"the classifier {classifier.name} does not score {finding_id!r}; it scores "
+            f"{', '.join(sorted(classifier.findings))}"
+        )
+    model = classifier.model
+    x = preprocess([np.asarray(pixels)]).to(classifier.device)
+    try:
+        signed = _cam(model, model.features[-1], x, col)[0]
+    finally:
+        model.zero_grad(set_to_none=True)  # nothing left behind on the shared classifier
+    heat = _centre_square(np.maximum(signed, 0), pixels.shape[:2])
+    f = load_domain(classifier.domain).finding(finding_id)
     return Saliency(heat, signed, "gradcam", f.id, f.name)
 
 
@@ -412,10 +519,12 @@ def explain(
     method: str = "text",
     cache_dir: Path | None = None,
     calibration: Any | None = None,
+    classifier: Any | None = None,
 ) -> Saliency:
     """One map: for ``finding`` (text saliency or Grad-CAM, whose target is the finding's
     score under ``calibration``, the model card's) or for a free-text ``query`` (text
-    saliency only)."""
+    saliency only). With the domain's supervised ``classifier``, a finding it scores is
+    explained by Grad-CAM of that classifier: ``analyze`` reports its probability."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if (finding is None) == (query is None):
@@ -425,8 +534,12 @@ def explain(
             raise ConfigError("a free-text query is explained by text saliency (--method text)")
         return text_saliency(encoder, pixels, query_target(encoder, query))
     if method == "gradcam":
+        if classifier is not None and finding in getattr(classifier, "findings", {}):
+            return classifier_gradcam(classifier, pixels, finding)
         if is_open_clip_vit(encoder):
             return vit_gradcam(encoder, pixels, pack, finding, cache_dir, calibration)
+        if is_hf_vit(encoder):
+            return hf_vit_gradcam(encoder, pixels, pack, finding, cache_dir, calibration)
         return gradcam(encoder, pixels, pack, finding, cache_dir, calibration)
     return text_saliency(encoder, pixels, finding_target(encoder, pack, finding, cache_dir))
 
