@@ -801,3 +801,41 @@ def test_a_configured_classifier_scores_its_findings_in_analyze(
     assert a.triage.level == expected.level
     skin = lens.analyze(data_dir / "isic2018-task3-test" / "images" / "ISIC_0034524.jpg")
     assert all(f["source"] == "zero-shot" for f in skin.findings)
+
+
+def test_own_mobilenet_v2_and_resize_match_torchvision_bit_for_bit(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """models.mobilenet rebuilds what inference took from torchvision (so an analysis
+    never imports it): the same state-dict keys and features, the same uint8 resize and
+    centre crop, on the native-uint8 path and on the float path of non-AVX2 CPUs."""
+    from torchvision.models import mobilenet_v2
+    from torchvision.transforms.v2 import functional as TF
+
+    from medlens.models import mobilenet as M
+    from medlens.models.lite import _mobilenet_v2_file
+
+    state = torch.load(_mobilenet_v2_file(), map_location="cpu", weights_only=True)
+    tv = mobilenet_v2(weights=None)
+    tv.load_state_dict(state)
+    ours = M.mobilenet_v2_features()
+    ours.load_state_dict(M.features_state(state))
+    assert list(ours.state_dict()) == list(tv.features.state_dict())
+    x = torch.randn(2, 3, 224, 250, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x), tv.features.eval()(x))
+    files = [
+        *sorted((data_dir / "ham10000" / "images").glob("*.jpg"))[:3],  # 200 x 150
+        *sorted((data_dir / "isic2018-task3-test" / "images").glob("*.jpg"))[:2],
+        *sorted((data_dir / "cxr-samples").glob("*.png"))[:2],  # 1024 px, grey as RGB
+    ]
+    for capability in (None, "DEFAULT"):  # AVX2 (this box) and the float round trip
+        if capability:
+            monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        for f in files:
+            t = torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1)
+            for s in (224, 257):
+                want = TF.center_crop(TF.resize(t, [s], antialias=True), [s, s])
+                size = M.shorter_side_size(t.shape[1], t.shape[2], s)
+                got = M.center_crop(M.resize_uint8(t, size), s)
+                assert torch.equal(got, want), (f.name, s, capability)

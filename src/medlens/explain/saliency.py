@@ -115,8 +115,7 @@ def frame_tensor(encoder: Any, pixels: np.ndarray) -> torch.Tensor:
     """(1, 3, h, w) model input for the whole frame: shorter side → ``image_size``
     (antialiased, aspect kept, longer side capped at twice that), then the encoder's own
     normalisation (colour constancy, ImageNet statistics)."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
+    from medlens.models.mobilenet import resize_uint8
 
     arr = np.asarray(pixels)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
@@ -126,8 +125,7 @@ def frame_tensor(encoder: Any, pixels: np.ndarray) -> torch.Tensor:
     k = s / min(h, w)
     th, tw = (min(2 * s, max(s, round(h * k))), min(2 * s, max(s, round(w * k))))
     t = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)  # PIL arrays: read-only
-    t = TF.resize(t, [th, tw], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    return encoder.normalise(t[None])
+    return encoder.normalise(resize_uint8(t, (th, tw))[None])
 
 
 def _split(encoder: Any) -> tuple[Any, nn.Sequential]:

@@ -82,13 +82,13 @@ def _mobilenet_v2_file() -> Path:
 
 
 def _build_mobilenet_v2() -> nn.Module:
-    from torchvision.models import mobilenet_v2
+    from medlens.models.mobilenet import features_state, mobilenet_v2_features
 
-    net = mobilenet_v2(weights=None)
+    features = mobilenet_v2_features()  # torchvision's layout, without importing it
     state = torch.load(_mobilenet_v2_file(), map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
+    features.load_state_dict(features_state(state))
     # Global-average-pooled output of .features: the 1280-d ImageNet representation.
-    return nn.Sequential(net.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    return nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
 
 
 # EfficientNet-Lite0/1/2 (Tan & Le 2019; the TF "lite" variants: ReLU6, no squeeze-excite,
@@ -605,19 +605,20 @@ class LiteEncoder(nn.Module):
         return path
 
     def resize_crop(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """uint8 (N, 3, S, S): shorter side → image_size (antialiased), centre crop."""
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.v2 import functional as TF
+        """uint8 (N, 3, S, S): shorter side → image_size (bilinear, antialiased), centre
+        crop; torchvision's v2 resize and crop, reproduced by ``models.mobilenet``."""
+        from medlens.models.mobilenet import center_crop, resize_uint8, shorter_side_size
 
-        mode = InterpolationMode(BACKBONES[self.backbone].interpolation)
+        if BACKBONES[self.backbone].interpolation != "bilinear":  # pragma: no cover - data
+            raise ConfigError(f"{self.backbone}: only bilinear resizing is implemented")
         s = self.image_size
         crops = []
         for img in images:
             # PIL-backed arrays are read-only; torch wants writable memory (never written).
             arr = img if img.flags.writeable else img.copy()
             t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
-            t = TF.resize(t, [s], interpolation=mode, antialias=True)
-            crops.append(TF.center_crop(t, [s, s]))
+            t = resize_uint8(t, shorter_side_size(t.shape[1], t.shape[2], s))
+            crops.append(center_crop(t, s))
         return torch.stack(crops)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
