@@ -355,3 +355,20 @@ def test_icd10cm_lookup() -> None:
         assert not icd10cm_exists(made_up), made_up
     with pytest.raises(ConfigError):
         icd10cm_title("J99.99")
+
+
+def test_the_c_yaml_loader_reads_every_shipped_file_as_the_python_one_does() -> None:
+    """medlens._yaml parses with libyaml when PyYAML has it (a cold-start cost, issue 17);
+    every YAML file in the package must come out exactly as yaml.safe_load reads it."""
+    from pathlib import Path
+
+    import yaml
+
+    import medlens
+    from medlens import _yaml
+
+    files = sorted(Path(medlens.__file__).parent.rglob("*.yaml"))
+    assert len(files) >= 5
+    for f in files:
+        text = f.read_text("utf-8")
+        assert _yaml.safe_load(text) == yaml.safe_load(text), f

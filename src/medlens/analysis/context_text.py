@@ -35,8 +35,7 @@ from importlib import resources
 from itertools import islice
 from typing import Any
 
-import yaml
-
+from medlens import _yaml
 from medlens.analysis.context import (
     AGE_RANGE,
     DIAMETER_RANGE_MM,
@@ -73,7 +72,7 @@ class ParsedSymptoms:
 @cache
 def _grammar() -> dict[str, Any]:
     text = resources.files("medlens.analysis").joinpath("context_text.yaml").read_text("utf-8")
-    return yaml.safe_load(text)
+    return _yaml.safe_load(text)
 
 
 def _phrase(p: str, *, flexible: bool = False, unit: bool = False) -> str:

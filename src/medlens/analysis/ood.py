@@ -23,8 +23,8 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
-import yaml
 
+from medlens import _yaml
 from medlens.errors import OutOfDomain
 from medlens.models.card import OodReference
 
@@ -38,7 +38,7 @@ NO_REFERENCE = (
 def limits() -> dict[str, Any]:
     """The quality limits (``analysis/quality.yaml``)."""
     text = resources.files("medlens.analysis").joinpath("quality.yaml").read_text("utf-8")
-    return yaml.safe_load(text)
+    return _yaml.safe_load(text)
 
 
 @dataclass

@@ -16,8 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from medlens import _yaml
 from medlens.config import get_settings
 from medlens.datasets.manifest import hash_files
 from medlens.errors import DatasetError
@@ -29,7 +28,7 @@ log = logging.getLogger("medlens.datasets")
 def constants() -> dict[str, Any]:
     """The parsed ``datasets.yaml`` (read once; it ships with the package)."""
     text = resources.files("medlens.datasets").joinpath("datasets.yaml").read_text("utf-8")
-    return yaml.safe_load(text)
+    return _yaml.safe_load(text)
 
 
 def spec(name: str) -> dict[str, Any]:

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from medlens import embeddings
+from medlens import _yaml, embeddings
 from medlens.analysis import calibration as C
 from medlens.analysis import domain as domain_mod
 from medlens.analysis import scoring
@@ -44,7 +43,7 @@ AdvanceFactory = Callable[[str, int], Advance]
 @lru_cache(maxsize=1)
 def _config() -> dict[str, Any]:
     text = resources.files("medlens.evaluation").joinpath("protocols.yaml").read_text("utf-8")
-    return yaml.safe_load(text)
+    return _yaml.safe_load(text)
 
 
 def protocols() -> dict[str, dict[str, Any]]:

@@ -23,10 +23,10 @@ import struct
 import threading
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-from pydicom.dataset import Dataset
 
 from medlens.config import get_settings
 from medlens.errors import (
@@ -37,9 +37,11 @@ from medlens.errors import (
     MedLensError,
     UnsupportedImage,
 )
-from medlens.io.dicom import decode_dicom, read_dataset
 from medlens.io.limits import check_aspect, check_budget, estimate_pil
 from medlens.io.types import DecodedImage, Identifiers, StudyContext
+
+if TYPE_CHECKING:  # pydicom is imported when a DICOM file arrives (0.7 s of a cold start)
+    from pydicom.dataset import Dataset
 
 __all__ = [
     "SUPPORTED_FORMATS",
@@ -89,6 +91,8 @@ def load_image(
 
     fmt = sniff_format(data)
     if fmt == "dicom" or (fmt is None and (suffix == ".dcm" or _looks_like_bare_dicom(data))):
+        from medlens.io.dicom import decode_dicom, read_dataset
+
         ds = read_dataset(data) if fmt == "dicom" else _read_bare_dicom(data, suffix)
         result = decode_dicom(ds, max_pixels=max_pixels, max_decode_bytes=budget)
         return DecodedImage(result.pixels, result.context, digest, result.identifiers)
@@ -231,6 +235,8 @@ def _looks_like_bare_dicom(data: bytes) -> bool:
 def _read_bare_dicom(data: bytes, suffix: str) -> Dataset:
     """Force-read a DICOM candidate without preamble; anything implausible is not DICOM."""
     try:
+        from medlens.io.dicom import read_dataset
+
         ds = read_dataset(data, force=True)
     except CorruptImage:
         ds = None

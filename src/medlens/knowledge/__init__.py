@@ -14,8 +14,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
+from medlens import _yaml
 from medlens.errors import ConfigError
 from medlens.knowledge.schema import RISK_ORDER, Description, Domain, Finding
 
@@ -194,7 +193,7 @@ def _read(domain_id: str) -> str:
 @cache
 def load_domain(domain_id: str) -> KnowledgePack:
     """Load and validate one knowledge pack (cached; packs are immutable)."""
-    raw = yaml.safe_load(_read(domain_id))
+    raw = _yaml.safe_load(_read(domain_id))
     try:
         domain = Domain.model_validate(raw)
     except Exception as exc:  # pydantic.ValidationError: make the file name explicit
