@@ -465,7 +465,11 @@ def test_explain_quality_script_smoke(tmp_path, data_dir):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     d = json.loads(js.read_text())
-    assert [f["dataset"] for f in d["faithfulness"]] == ["isic2018", "pneumoniamnist"]
+    assert [f["dataset"] for f in d["faithfulness"]] == [
+        "isic2018",
+        "pneumoniamnist",
+        "covid_chestxray",
+    ]
     for f in d["faithfulness"]:
         assert f["n"] == 2 and f["steps"] == 2
         assert f["split"] == "test"
