@@ -14,6 +14,7 @@ import medlens
 # Lowest first. A package may import itself and anything before it in this list.
 LAYERS = (
     "errors",
+    "_yaml",
     "config",
     "io",
     "knowledge",
