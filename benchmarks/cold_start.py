@@ -82,7 +82,7 @@ def top_imports(stderr: str, n: int = 10) -> list[dict[str, Any]]:
     for line in stderr.splitlines():
         if not line.startswith("import time:") or "|" not in line:
             continue
-        _, cum, name = (p for p in line.split("|"))
+        _, cum, name = line.split("|")
         if name.startswith("  "):  # nested: already counted in its parent
             continue
         try:

@@ -172,13 +172,21 @@ class Target:
     reference: np.ndarray | None = None  # (dim,) for multi-label packs' findings
 
 
+def _scoring_lookup(
+    encoder: Any, pack: KnowledgePack, finding_id: str, cache_dir: Path | None
+) -> tuple[Any, int, np.ndarray, np.ndarray | None]:
+    """The finding (ConfigError for an unknown id), its column, and the scoring rule's
+    finding embeddings and multi-label reference: what every map of a finding starts from."""
+    f = pack.finding(finding_id)
+    cls, ref = zeroshot.scoring_embeddings(encoder, pack, cache_dir)
+    return f, pack.finding_ids.index(f.id), cls, ref
+
+
 def finding_target(
     encoder: Any, pack: KnowledgePack, finding_id: str, cache_dir: Path | None = None
 ) -> Target:
     """A finding's prompt-ensemble embedding, as ``analysis.scoring`` uses it."""
-    f = pack.finding(finding_id)  # ConfigError for an unknown id
-    k = pack.finding_ids.index(f.id)
-    cls, ref = zeroshot.scoring_embeddings(encoder, pack, cache_dir)
+    f, k, cls, ref = _scoring_lookup(encoder, pack, finding_id, cache_dir)
     return Target(f.id, f.name, cls[k], ref)
 
 
@@ -290,9 +298,7 @@ def gradcam(
     calibrated score (``CalibratedScore``; the raw logit without ``calibration``); one
     backward pass for this one target."""
     _check_lite(encoder)
-    f = pack.finding(finding_id)
-    k = pack.finding_ids.index(f.id)
-    cls, ref = zeroshot.scoring_embeddings(encoder, pack, cache_dir)
+    f, k, cls, ref = _scoring_lookup(encoder, pack, finding_id, cache_dir)
     model = FindingLogits(encoder, cls, ref)
     x = frame_tensor(encoder, pixels)
     was_training = encoder.training
@@ -397,9 +403,7 @@ def vit_gradcam(
 
     if not is_open_clip_vit(encoder):
         raise ConfigError("vit_gradcam needs an open_clip encoder with a ViT image tower")
-    f = pack.finding(finding_id)
-    k = pack.finding_ids.index(f.id)
-    cls, ref = zeroshot.scoring_embeddings(encoder, pack, cache_dir)
+    f, k, cls, ref = _scoring_lookup(encoder, pack, finding_id, cache_dir)
     visual = encoder.model.visual
     model = EmbeddingLogits(visual, cls, ref, encoder.logit_scale)  # encode_image = visual
     x = encoder.preprocess(Image.fromarray(np.asarray(pixels)))[None].to(encoder.device)
@@ -458,9 +462,7 @@ def hf_vit_gradcam(
             "hf_vit_gradcam needs an hf: encoder with a ViT vision tower (CLIP, SigLIP); "
             "ALIGN's EfficientNet tower has no Grad-CAM here yet"
         )
-    f = pack.finding(finding_id)
-    k = pack.finding_ids.index(f.id)
-    cls, ref = zeroshot.scoring_embeddings(encoder, pack, cache_dir)
+    f, k, cls, ref = _scoring_lookup(encoder, pack, finding_id, cache_dir)
     model = EmbeddingLogits(HFImageFeatures(encoder.model), cls, ref, encoder.logit_scale)
     proc = encoder.image_processor
     x = proc(images=[Image.fromarray(np.asarray(pixels))], return_tensors="pt")["pixel_values"]
@@ -484,7 +486,6 @@ def classifier_gradcam(classifier: Any, pixels: np.ndarray, finding_id: str) -> 
     target is that output's logit, whose sigmoid is the probability ``analyze`` reports
     for the finding. The classifier sees the centre square (txv preprocessing), so the
     map is put back there."""
-
     from medlens.knowledge import load_domain
     from medlens.models.txv import TxvClassifier, preprocess
 
