@@ -162,6 +162,17 @@ def test_lite_fingerprint_tracks_every_head_weight(lite: LiteEncoder) -> None:
         with torch.no_grad():
             param.copy_(saved)
         assert enc.fingerprint == base
+    # The key is cached (models.base.StateKey): structural changes must still reach it.
+    old = enc.text_head.mlp[-1].bias
+    enc.text_head.mlp[-1].bias = torch.nn.Parameter(old.detach() + 1e-3)  # new parameter
+    assert enc.fingerprint != base
+    enc.text_head.mlp[-1].bias = old
+    assert enc.fingerprint == base
+    enc.load_state_dict({k: v + 1e-3 for k, v in enc.state_dict().items()}, assign=True)
+    assert enc.fingerprint != base
+    key = enc._state_key()
+    torch.nn.Sequential(torch.nn.Linear(2, 2))[:1]  # modules built elsewhere: no re-listing
+    assert enc._state_key() == key
     assert enc.backbone_fingerprint in (lite.backbone_fingerprint,)
     assert enc.backbone_fingerprint != base
 

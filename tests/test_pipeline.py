@@ -70,8 +70,38 @@ def test_dermatology_scores_are_invariant_to_mirroring(lens, data_dir):
     runs = [lens.analyze(png(a), domain="dermatology") for a in (pixels, pixels[:, ::-1])]
     a, b = ({f["id"]: f["probability"] for f in r.findings} for r in runs)
     assert a == pytest.approx(b, abs=2e-4)  # reports round to 4 decimals
-    assert "encode_flips" in runs[0].timings_ms
+    # The flips rode in the gate's forward pass: no second one.
+    assert "encode_flips" not in runs[0].timings_ms
     assert "encode_flips" not in lens.analyze(data_dir / CXR).timings_ms
+
+
+def test_views_batched_into_the_first_forward_score_as_a_second_forward_would(lens, data_dir):
+    """``analyze`` guesses from the pixels which flips to batch into the gate's forward
+    pass (colour: the dermatology flips; grey: none). The guess may change only the
+    latency: a photo whose flips were not in the first forward pass (a wrong guess)
+    takes them in a second one and scores as it does when they rode in the first."""
+
+    import numpy as np
+    from PIL import Image
+
+    from medlens.analysis.domain import is_grey, likely_flips
+
+    colour = np.asarray(Image.open(data_dir / SKIN).convert("RGB"))
+    grey = np.repeat(np.asarray(Image.open(data_dir / SKIN).convert("L"))[..., None], 3, -1)
+    cxr = np.asarray(Image.open(data_dir / CXR).convert("RGB"))
+    assert not is_grey(colour) and is_grey(grey) and is_grey(cxr)
+    derm_flips = load_domain("dermatology").domain.test_time_flips
+    assert likely_flips(colour) == derm_flips and likely_flips(cxr) == ()
+    assert likely_flips(grey, "dermatology") == derm_flips  # a named domain is obeyed
+
+    decoded = lens.decode(data_dir / SKIN)
+    one = lens.admit(decoded, "dermatology", flips=derm_flips)
+    two = lens.admit(decoded, "dermatology")  # no flips in its forward: a second one
+    timings: dict = {}
+    second = lens._scoring_embedding(load_domain("dermatology"), decoded.pixels, two, timings)
+    first = lens._scoring_embedding(load_domain("dermatology"), decoded.pixels, one, {})
+    assert "encode_flips" in timings and set(two.flip_embeddings) == set(derm_flips)
+    np.testing.assert_allclose(first, second, atol=1e-5)
 
 
 def test_domain_can_be_forced(lens, data_dir):

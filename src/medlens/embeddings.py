@@ -779,9 +779,10 @@ def record_features(
 
 
 def is_feature_encoder(encoder: Any) -> bool:
-    """Whether ``encoder`` exposes backbone features with heads on top (lite)."""
+    """Whether ``encoder`` exposes backbone features with heads on top (lite). Asks the
+    type: ``features_key`` is a property that may hash the weights."""
     return all(
-        hasattr(encoder, a) for a in ("image_features", "embed_from_features", "features_key")
+        hasattr(type(encoder), a) for a in ("image_features", "embed_from_features", "features_key")
     )
 
 

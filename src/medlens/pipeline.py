@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,8 @@ class Admission:
     gate: ood.Gate
     embedding: np.ndarray
     domain_scores: dict[str, float]
+    # Embeddings of the flipped views batched into the same forward pass (``flips``).
+    flip_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class MedLens:
@@ -180,12 +182,13 @@ class MedLens:
         t0 = time.perf_counter()
         decoded = self.decode(image, filename)
         timings["decode"] = (time.perf_counter() - t0) * 1000
-        adm = self.admit(decoded, domain, timings)
+        flips = domain_mod.likely_flips(decoded.pixels, domain, decoded.context)
+        adm = self.admit(decoded, domain, timings, flips=flips)
         emb, chosen, source, gate = adm.embedding, adm.domain, adm.source, adm.gate
         domain_scores = adm.domain_scores
         t2 = time.perf_counter()
         pack = load_domain(chosen)
-        score_emb = self._scoring_embedding(pack, decoded.pixels, emb, timings)
+        score_emb = self._scoring_embedding(pack, decoded.pixels, adm, timings)
         derm, view_weights = None, None
         if dermoscopy is not None:
             derm, derm_emb = self._dermoscopy_view(pack, dermoscopy, gate, timings)
@@ -255,7 +258,7 @@ class MedLens:
         before it says ready). No analysis: a synthetic image would rightly abstain."""
         y, x = np.mgrid[0:224, 0:224]
         pixels = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
-        emb, _ = self._encode(pixels)
+        emb = self._encode([pixels])[0][0]
         domain_mod.domain_scores(emb, self.encoder, self.cache_dir)
         for d in domains():
             pack = load_domain(d)
@@ -263,12 +266,19 @@ class MedLens:
             self.fusion_head(pack)
 
     def admit(
-        self, decoded: DecodedImage, domain: str = "auto", timings: dict | None = None
+        self,
+        decoded: DecodedImage,
+        domain: str = "auto",
+        timings: dict | None = None,
+        *,
+        flips: Sequence[str] = (),
     ) -> Admission:
         """The gate before any score: DICOM header rules, pixel quality, one forward pass,
         domain candidates and the out-of-distribution check (``analysis.ood``). Raises
         ``OutOfDomain`` (MedLens abstains) or returns what the analysis goes on with.
-        ``benchmarks/ood_gate.py`` measures exactly this."""
+        ``flips``: mirrored views to embed in the same forward pass, so that a domain that
+        scores them needs no second one (``analysis.domain.likely_flips``); the gate sees
+        the image only. ``benchmarks/ood_gate.py`` measures exactly this."""
         timings = {} if timings is None else timings
         if (why := domain_mod.unsupported_dicom(decoded.context)) is not None:
             raise OutOfDomain(f"{why}: MedLens abstains rather than guess")
@@ -278,7 +288,9 @@ class MedLens:
             + ood.frames_note(ctx.frames, ctx.source_format)
         )
         t1 = time.perf_counter()
-        emb, feats = self._encode(decoded.pixels)
+        views = [decoded.pixels, *(flipped(decoded.pixels, f) for f in flips)]
+        embs, feats = self._encode(views)
+        emb = embs[0]
         timings["encode"] = (time.perf_counter() - t1) * 1000
         t2 = time.perf_counter()
         scores = domain_mod.domain_scores(emb, self.encoder, self.cache_dir)[0]
@@ -293,22 +305,24 @@ class MedLens:
             gate=gate,
             embedding=emb,
             domain_scores={d: round(float(s), 4) for d, s in zip(domains(), scores, strict=True)},
+            flip_embeddings=dict(zip(flips, embs[1:], strict=True)),
         )
 
-    def _encode(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """One forward pass: the embedding and, when the gate's reference uses them and
-        the encoder exposes them (lite), the image tower's features it was computed
-        from (``embed_images`` is exactly features → heads)."""
+    def _encode(self, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """One forward pass over an image's views (the image first): their embeddings
+        and, when the gate's reference uses them and the encoder exposes them (lite), the
+        image's tower features they were computed from (``embed_images`` is exactly
+        features → heads)."""
         enc = self.encoder
         ref = self.card.ood
         if ref is not None and ref.uses_features and is_feature_encoder(enc):
             import torch
 
-            feats = enc.image_features([pixels])
+            feats = enc.image_features(views, batch_size=len(views))
             with torch.inference_mode():
                 emb, _ = enc.embed_from_features(img_feats=feats)
-            return emb.float().cpu().numpy()[0], feats.numpy()
-        return enc.embed_images([pixels])[0], None
+            return emb.float().cpu().numpy(), feats[:1].numpy()
+        return enc.embed_images(views, batch_size=len(views)), None
 
     def _dermoscopy_view(
         self,
@@ -329,11 +343,11 @@ class MedLens:
         t = time.perf_counter()
         try:
             decoded = self.decode(image)
-            adm = self.admit(decoded, pack.id)
+            adm = self.admit(decoded, pack.id, flips=pack.domain.test_time_flips)
         except InputError as exc:  # the same error, saying which image it is about
             raise type(exc)(f"dermoscopy image: {exc}") from exc
         gate.warnings.extend(f"dermoscopy image: {w}" for w in adm.gate.warnings)
-        emb = self._scoring_embedding(pack, decoded.pixels, adm.embedding, {})
+        emb = self._scoring_embedding(pack, decoded.pixels, adm, {})
         head = self.fusion_head(pack)
         timings["dermoscopy"] = (time.perf_counter() - t) * 1000
         record = {
@@ -348,19 +362,24 @@ class MedLens:
         return record, emb
 
     def _scoring_embedding(
-        self, pack: KnowledgePack, pixels: np.ndarray, emb: np.ndarray, timings: dict
+        self, pack: KnowledgePack, pixels: np.ndarray, adm: Admission, timings: dict
     ) -> np.ndarray:
         """The embedding findings are scored on: the image's own, or for domains with
         ``test_time_flips`` the re-normalised mean over the image and its flips (as
-        ``medlens calibrate`` and ``medlens eval`` score them). Domain detection and
+        ``medlens calibrate`` and ``medlens eval`` score them), from the admission's
+        forward pass when it carried them, else from a second one. Domain detection and
         retrieval keep the plain embedding the indexes were built from."""
         flips = pack.domain.test_time_flips
         if not flips:
-            return emb
-        t = time.perf_counter()
-        views = self.encoder.embed_images([flipped(pixels, f) for f in flips])
-        timings["encode_flips"] = (time.perf_counter() - t) * 1000
-        return ensemble(np.vstack([emb[None], views]))
+            return adm.embedding
+        missing = [f for f in flips if f not in adm.flip_embeddings]
+        if missing:
+            t = time.perf_counter()
+            extra = self.encoder.embed_images([flipped(pixels, f) for f in missing])
+            timings["encode_flips"] = (time.perf_counter() - t) * 1000
+            adm.flip_embeddings.update(zip(missing, extra, strict=True))
+        views = [adm.flip_embeddings[f] for f in flips]
+        return ensemble(np.vstack([adm.embedding[None], *views]))
 
     def _context(
         self, emb: np.ndarray, domain: str, finding_ids: list[str]

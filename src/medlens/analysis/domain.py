@@ -75,3 +75,36 @@ def candidates(
     if (from_ctx := domain_from_context(context)) is not None:
         return [from_ctx], "dicom"
     return [domains()[i] for i in np.argsort(-np.asarray(scores))], "image"
+
+
+# Mean |R−G| + |G−B| (grey levels) on a coarse grid below which an image counts as grey.
+# Only decides which views the first forward pass carries (a latency choice): the
+# scores are the same either way, a wrong guess costs one more, smaller forward pass.
+GREY_CHANNEL_SPREAD = 2.0
+
+
+def is_grey(pixels: np.ndarray) -> bool:
+    """Whether an (H, W, 3) uint8 image is (near) grey, e.g. a radiograph, judged on a
+    ~64 × 64 grid so it costs microseconds even at 4k."""
+    step = max(1, min(pixels.shape[:2]) // 64)
+    g = pixels[::step, ::step].astype(np.int16)
+    spread = np.abs(g[..., 0] - g[..., 1]) + np.abs(g[..., 1] - g[..., 2])
+    return float(spread.mean()) < GREY_CHANNEL_SPREAD
+
+
+def likely_flips(
+    pixels: np.ndarray, domain: str = "auto", context: StudyContext | None = None
+) -> tuple[str, ...]:
+    """The test-time flips to batch into an image's first forward pass, before its domain
+    is known: the given (or DICOM-named) domain's, none for a grey image (no pack that
+    scores flips takes radiographs), else those of the packs that score flips. Scoring
+    uses them only if the admitted domain asks for exactly these views."""
+    named = domain if domain != "auto" else domain_from_context(context)
+    if named is not None:
+        return tuple(load_domain(named).domain.test_time_flips)
+    if is_grey(pixels):
+        return ()
+    flips: list[str] = []
+    for d in domains():
+        flips += [f for f in load_domain(d).domain.test_time_flips if f not in flips]
+    return tuple(flips)

@@ -67,8 +67,12 @@ def check_pixels(pixels: np.ndarray) -> list[str]:
             f"(at least {lim['abstain']['min_side']} px a side): MedLens abstains"
         )
     step = max(1, -(-max(h, w) // 256))  # statistics on at most ~256 px a side: cheap
-    px = np.ascontiguousarray(np.asarray(pixels)[::step, ::step])
-    std = float(px.reshape(-1, px.shape[-1] if px.ndim == 3 else 1).std(axis=0).max())
+    px = np.asarray(pixels)[::step, ::step]
+    # Channel-first float32 rows: contiguous reductions (a strided per-channel std over
+    # interleaved RGB costs several times more on a busy analysis path).
+    chans = np.ascontiguousarray(np.moveaxis(px.reshape(px.shape[0], px.shape[1], -1), -1, 0))
+    chans = chans.reshape(chans.shape[0], -1).astype(np.float32)
+    std = float(chans.std(axis=1).max())
     if std < lim["abstain"]["min_std"]:
         raise OutOfDomain(
             f"the image is blank (uniform: pixel standard deviation {std:.1f} grey "
@@ -81,7 +85,7 @@ def check_pixels(pixels: np.ndarray) -> list[str]:
             f"low quality: the image is only {w}x{h} pixels (under {warn['min_side']} px "
             "a side); fine detail cannot be assessed"
         )
-    grey = px.mean(axis=-1) if px.ndim == 3 else px
+    grey = chans.mean(axis=0)
     if (bright := float((grey >= warn["bright_level"]).mean())) > warn["fraction"]:
         out.append(f"low quality: over-exposed ({bright:.0%} of pixels saturated)")
     if (top := float(np.percentile(grey, 99.9))) < warn["dark_p999"]:

@@ -38,7 +38,7 @@ from medlens.models._util import (
     file_sha256,
     quiet_transformers,
 )
-from medlens.models.base import state_fingerprint
+from medlens.models.base import StateKey, state_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +396,7 @@ class LiteEncoder(nn.Module):
         self.meta: dict[str, Any] = {}
         self.calibration: dict[str, Any] = {}
         self.heads_path: Path | None = None
+        self._state_key = StateKey(self)
         self._fp_key: tuple[Any, ...] | None = None
         self._fp: str = ""
         mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -484,7 +485,7 @@ class LiteEncoder(nn.Module):
     def fingerprint(self) -> str:
         """Changes whenever a head weight, the towers or the preprocessing change. Cached
         on the tensors' version counters so an optimizer step invalidates it."""
-        key = tuple((k, v.data_ptr(), v._version) for k, v in self.state_dict().items())
+        key = self._state_key()
         if key != self._fp_key:
             self._fp = state_fingerprint(
                 self, extra=f"{self.backbone_fingerprint}|{self.preprocess_version}"
@@ -650,7 +651,11 @@ class LiteEncoder(nn.Module):
 
     @contextmanager
     def _eval_heads(self) -> Iterator[None]:
-        """Inference never uses dropout, even when called mid-training (validation)."""
+        """Inference never uses dropout, even when called mid-training (validation).
+        Skips the two walks over the module tree when nothing is in training mode."""
+        if not any(m.training for m in self.modules()):
+            yield
+            return
         was = self.training
         self.eval()
         try:
