@@ -219,6 +219,44 @@ def test_migrates_the_old_retrieval_cache_table(tmp_path: Path) -> None:
 
 
 # -- the fill loop -----------------------------------------------------------------------------
+def test_fill_prepares_the_next_batch_while_this_one_computes(tmp_path: Path, lite: Any) -> None:
+    """``prepare`` (decoding, for images) runs one batch ahead in a background thread:
+    results equal the plain loop's, in order, and a failure names its own batch."""
+    import threading
+
+    texts = [f"finding number {i} on a chest radiograph" for i in range(10)]
+    keys = [embeddings.text_key(t) for t in texts]
+    space = embeddings.text_space(lite)
+    prepared_in: list[str] = []
+    started = threading.Event()
+
+    def prepare(batch: list[str]) -> list[str]:
+        prepared_in.append(threading.current_thread().name)
+        started.set()
+        return [t.upper() for t in batch]
+
+    def compute(batch: list[str]) -> np.ndarray:
+        assert started.is_set() and all(t.isupper() for t in batch)
+        return lite.embed_texts(batch)
+
+    out = embeddings.fill(texts, keys, space, compute, store=None, batch_size=3, prepare=prepare)
+    plain = lite.embed_texts([t.upper() for t in texts])
+    np.testing.assert_allclose(out, plain, atol=1e-6)
+    assert len(prepared_in) == 4 and prepared_in[1].startswith("medlens-prepare")
+
+    def broken(batch: list[str]) -> list[str]:
+        if "finding number 7 on a chest radiograph" in batch:
+            raise ValueError("cannot decode item 7")
+        return batch
+
+    store = Store(tmp_path / "c.sqlite3")
+    with pytest.raises(ValueError, match="item 7"):
+        embeddings.fill(
+            texts, keys, space, lite.embed_texts, store=store, batch_size=3, prepare=broken
+        )
+    assert len(store.get_many(keys, space)) == 6  # the batches before it are kept
+
+
 def test_fill_hits_misses_batches_and_progress(tmp_path: Path, lite: Any) -> None:
     store = Store(tmp_path / "c.sqlite3")
     texts = [f"a chest x-ray with finding number {i}" for i in range(10)]

@@ -49,7 +49,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -538,6 +538,28 @@ class FillStats:
     computed: int = 0
 
 
+def _ahead(
+    batches: list[list[int]], fn: Callable[[list[int]], Any] | None
+) -> Iterator[tuple[list[int], Any]]:
+    """Each batch with ``fn(batch)``, computing the next one's in a background thread
+    while the caller works on this one: decoding (PIL and pydicom release the GIL)
+    overlaps the forward pass (torch releases it too). An error in ``fn`` surfaces at the
+    batch it belongs to."""
+    if fn is None or len(batches) < 2:
+        for b in batches:
+            yield b, fn(b) if fn is not None else None
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="medlens-prepare") as pool:
+        pending = pool.submit(fn, batches[0])
+        for k, b in enumerate(batches):
+            ready = pending.result()
+            if k + 1 < len(batches):
+                pending = pool.submit(fn, batches[k + 1])
+            yield b, ready
+
+
 def fill(
     items: Sequence[T],
     keys: Sequence[str],
@@ -550,13 +572,16 @@ def fill(
     unique: bool = False,
     dim: int = 0,
     stats: FillStats | None = None,
+    prepare: Callable[[list[T]], Any] | None = None,
 ) -> np.ndarray:
     """Vectors of ``items`` (``keys[i]`` is the content hash of ``items[i]``), in order,
     as one float32 (N, D) array: cached ones from ``store``, the rest from ``compute``.
 
     ``compute(batch)`` maps a list of items to their (n, D) vectors; it is called on the
     misses in the caller's order, ``batch_size`` at a time, so on a cold cache it makes
-    exactly the batches an uncached loop over ``items`` would. Each batch is stored (one
+    exactly the batches an uncached loop over ``items`` would. With ``prepare`` (e.g.
+    decoding), ``compute`` gets ``prepare(batch)`` instead, and the next batch is
+    prepared in a background thread while this one computes (``_ahead``). Each batch is stored (one
     transaction) as soon as it is computed. With ``unique`` a key repeated among the
     misses is computed once. ``progress(n)`` is called as items are resolved (hits
     first), summing to N. ``store=None`` computes everything and stores nothing.
@@ -585,9 +610,13 @@ def fill(
     if progress and hits:
         progress(hits)
     done: dict[str, np.ndarray] = {}
-    for s in range(0, len(miss), max(1, int(batch_size))):
-        idx = miss[s : s + max(1, int(batch_size))]
-        out = np.asarray(compute([items[i] for i in idx]), dtype=np.float32)
+    step = max(1, int(batch_size))
+    batches = [miss[s : s + step] for s in range(0, len(miss), step)]
+    pick = (lambda idx: prepare([items[i] for i in idx])) if prepare is not None else None
+    for idx, ready in _ahead(batches, pick):
+        out = np.asarray(
+            compute(ready if pick is not None else [items[i] for i in idx]), dtype=np.float32
+        )
         if out.ndim != 2 or len(out) != len(idx):
             raise ValueError(f"fill: compute returned shape {out.shape} for {len(idx)} items")
         new = [(keys[i], out[j]) for j, i in enumerate(idx)]
@@ -731,10 +760,11 @@ def embed_records(
             recs,
             keys,
             features_space(encoder, view),
-            lambda b: encoder.image_features(pixels(b), batch_size=forward_batch).numpy(),
+            lambda ims: encoder.image_features(ims, batch_size=forward_batch).numpy(),
             store=store,
             batch_size=batch_size,
             progress=progress,
+            prepare=pixels,
         )
         if not recs:
             return np.zeros((0, encoder.dim), np.float32)
@@ -745,11 +775,12 @@ def embed_records(
         recs,
         keys,
         image_space(encoder, view),
-        lambda b: encoder.embed_images(pixels(b), batch_size=forward_batch),
+        lambda ims: encoder.embed_images(ims, batch_size=forward_batch),
         store=store,
         batch_size=batch_size,
         progress=progress,
         dim=int(encoder.dim),
+        prepare=pixels,
     )
 
 
@@ -768,13 +799,12 @@ def record_features(
         list(records),
         [record_key(manifest, r) for r in records],
         features_space(encoder),
-        lambda b: encoder.image_features(
-            [manifest.image(r) for r in b], batch_size=forward_batch
-        ).numpy(),
+        lambda ims: encoder.image_features(ims, batch_size=forward_batch).numpy(),
         store=store,
         batch_size=batch_size,
         progress=progress,
         dim=int(encoder.image_dim),
+        prepare=lambda b: [manifest.image(r) for r in b],
     )
 
 
