@@ -114,17 +114,21 @@ def test_cli_bad_context_is_one_line_before_any_model_work(
 
 
 def test_cli_folder_applies_the_context_to_every_image(data_dir: Path, tmp_path: Path) -> None:
+    """Files are decoded one ahead in a background thread (``io.ahead``): a broken one
+    between good ones is reported on its own row and the rest are analysed."""
     folder = tmp_path / "in"
     folder.mkdir()
     for name in (PAD, ISIC):
         (folder / Path(name).name).write_bytes((data_dir / name).read_bytes())
+    (folder / "b-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "out.jsonl"
     args = ["analyze", str(folder), "--out", str(out), "--domain", "dermatology"]
     res = runner.invoke(cli_app, [*args, "--age", "40", "--history", "itch"])
     assert res.exit_code == 0, res.output
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 2
-    for r in rows:
+    rows = {r["file"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert len(rows) == 3
+    assert "CorruptImage" in rows.pop("b-broken.png")["error"]
+    for r in rows.values():
         assert r["context"]["given"] == ["age", "history.itch"], r.get("error")
 
 

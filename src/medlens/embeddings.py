@@ -49,7 +49,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +58,7 @@ import numpy as np
 
 from medlens.datasets.manifest import sha256_file
 from medlens.errors import MedLensError
+from medlens.io.ahead import ahead
 
 log = logging.getLogger("medlens")
 T = TypeVar("T")
@@ -538,28 +539,6 @@ class FillStats:
     computed: int = 0
 
 
-def _ahead(
-    batches: list[list[int]], fn: Callable[[list[int]], Any] | None
-) -> Iterator[tuple[list[int], Any]]:
-    """Each batch with ``fn(batch)``, computing the next one's in a background thread
-    while the caller works on this one: decoding (PIL and pydicom release the GIL)
-    overlaps the forward pass (torch releases it too). An error in ``fn`` surfaces at the
-    batch it belongs to."""
-    if fn is None or len(batches) < 2:
-        for b in batches:
-            yield b, fn(b) if fn is not None else None
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1, thread_name_prefix="medlens-prepare") as pool:
-        pending = pool.submit(fn, batches[0])
-        for k, b in enumerate(batches):
-            ready = pending.result()
-            if k + 1 < len(batches):
-                pending = pool.submit(fn, batches[k + 1])
-            yield b, ready
-
-
 def fill(
     items: Sequence[T],
     keys: Sequence[str],
@@ -581,10 +560,10 @@ def fill(
     misses in the caller's order, ``batch_size`` at a time, so on a cold cache it makes
     exactly the batches an uncached loop over ``items`` would. With ``prepare`` (e.g.
     decoding), ``compute`` gets ``prepare(batch)`` instead, and the next batch is
-    prepared in a background thread while this one computes (``_ahead``). Each batch is stored (one
-    transaction) as soon as it is computed. With ``unique`` a key repeated among the
-    misses is computed once. ``progress(n)`` is called as items are resolved (hits
-    first), summing to N. ``store=None`` computes everything and stores nothing.
+    prepared in a background thread while this one computes (``io.ahead``). Each batch
+    is stored (one transaction) as soon as it is computed. With ``unique`` a key
+    repeated among the misses is computed once. ``progress(n)`` is called as items are
+    resolved (hits first), summing to N. ``store=None`` computes everything and stores nothing.
     ``dim`` is the width of the result when ``items`` is empty.
     """
     keys = list(keys)
@@ -613,7 +592,7 @@ def fill(
     step = max(1, int(batch_size))
     batches = [miss[s : s + step] for s in range(0, len(miss), step)]
     pick = (lambda idx: prepare([items[i] for i in idx])) if prepare is not None else None
-    for idx, ready in _ahead(batches, pick):
+    for idx, ready in ahead(batches, pick):
         out = np.asarray(
             compute(ready if pick is not None else [items[i] for i in idx]), dtype=np.float32
         )

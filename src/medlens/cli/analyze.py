@@ -13,7 +13,16 @@ from typing import Any
 
 import typer
 
-from medlens.cli.common import err, friendly, progress_bar
+from medlens.cli.common import (
+    RAY_ADDRESS,
+    RAY_FLAG,
+    RAY_GPUS,
+    RAY_WORKERS,
+    err,
+    friendly,
+    progress_bar,
+    ray_options,
+)
 from medlens.config import Settings
 from medlens.errors import ConfigError, MedLensError
 
@@ -176,13 +185,20 @@ def analyze(
     top_k: int = typer.Option(5, "--top-k", min=1, help="How many findings to show."),
     model: str | None = typer.Option(None, help="Encoder name (default: lite or MEDLENS_MODEL)."),
     as_json: bool = typer.Option(False, "--json", help="Print the analysis as one JSON object."),
-    out: Path | None = typer.Option(None, help="Folder mode: output file (.jsonl or .csv)."),
+    out: Path | None = typer.Option(
+        None,
+        help="Folder mode: output file (.jsonl or .csv; with --ray .jsonl or .parquet, resumable).",
+    ),
     explain: bool = typer.Option(
         False,
         "--explain",
         help="Attach text-saliency maps for the top 3 findings (JSON: explanations[]; "
         "overlay PNGs: medlens explain).",
     ),
+    ray: bool = RAY_FLAG,
+    ray_address: str | None = RAY_ADDRESS,
+    ray_workers: int = RAY_WORKERS,
+    ray_gpus: float = RAY_GPUS,
     *,
     settings: Settings,
 ) -> None:
@@ -193,6 +209,9 @@ def analyze(
     """
     if not path.exists():
         raise ConfigError(f"{path} does not exist")
+    cluster = ray_options(ray, ray_address, ray_workers, ray_gpus)
+    if cluster is not None and not path.is_dir():
+        raise ConfigError("--ray analyzes a folder: give a folder, or drop --ray for one image")
     from medlens.analysis.context import given_fields
 
     context = given_fields(
@@ -205,6 +224,19 @@ def analyze(
         history=history,
     )
     check_context(context, domain)
+    if cluster is not None:
+        _analyze_folder_on_ray(
+            path,
+            cluster,
+            model=model,
+            domain=domain,
+            symptoms=symptoms,
+            context=context,
+            top_k=top_k,
+            out=out,
+            settings=settings,
+        )
+        return
     from medlens.pipeline import MedLens
 
     lens = MedLens(model=model, settings=settings)
@@ -262,46 +294,84 @@ def _analyze_folder(
     top_k: int,
     out: Path | None,
 ) -> None:
+    from medlens.distributed.outputs import SUMMARY, folder_row, summary
+
     files = image_files(folder)
     out = out or Path(f"medlens-{folder.name}.jsonl")
     rows: list[dict[str, Any]] = []
     failures = 0
+    from medlens.io.ahead import ahead
+
+    def decode(f: Path) -> Any:  # in the background thread: the next file's pixels
+        try:
+            return lens.decode(f)
+        except MedLensError as exc:
+            return exc
+
     with progress_bar() as progress:
         task = progress.add_task("analyzing", total=len(files))
-        for f in files:
+        for f, decoded in ahead(files, decode):
             try:
+                if isinstance(decoded, MedLensError):
+                    raise decoded
                 r = lens.analyze(
-                    f, domain=domain, symptoms=symptoms, context=context, top_k=top_k
+                    decoded, domain=domain, symptoms=symptoms, context=context, top_k=top_k
                 ).to_dict()
-                rows.append({"file": str(f.relative_to(folder)), **r})
+                rows.append(folder_row(str(f.relative_to(folder)), r))
             except MedLensError as exc:
                 failures += 1
-                rows.append(
-                    {"file": str(f.relative_to(folder)), "error": f"{type(exc).__name__}: {exc}"}
-                )
+                error = f"{type(exc).__name__}: {exc}"
+                rows.append(folder_row(str(f.relative_to(folder)), error=error))
             progress.advance(task)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
         with open(out, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["file", "domain", "top_finding", "probability", "triage", "error"])
-            for r in rows:
-                top = r.get("findings", [{}])[0] if "findings" in r else {}
-                w.writerow(
-                    [
-                        r["file"],
-                        r.get("domain", ""),
-                        top.get("id", ""),
-                        top.get("probability", ""),
-                        r.get("triage", {}).get("level", ""),
-                        r.get("error", ""),
-                    ]
-                )
+            w = csv.DictWriter(fh, fieldnames=SUMMARY)
+            w.writeheader()
+            w.writerows(summary(r) for r in rows)
     else:
         with open(out, "w") as fh:
             for r in rows:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     err.print(f"wrote {len(rows)} results ({failures} failed) to {out}")
+
+
+def _analyze_folder_on_ray(
+    folder: Path,
+    cluster: Any,
+    *,
+    model: str | None,
+    domain: str,
+    symptoms: str | None,
+    context: dict[str, Any] | None,
+    top_k: int,
+    out: Path | None,
+    settings: Settings,
+) -> None:
+    """``analyze FOLDER --ray``: rows streamed to a resumable .jsonl / .parquet output."""
+    from medlens.distributed.analyze import analyze_folder
+
+    files = image_files(folder)
+    out = out or Path(f"medlens-{folder.name}.jsonl")
+    with progress_bar() as progress:
+        task = progress.add_task("analyzing on Ray", total=len(files))
+        run = analyze_folder(
+            folder,
+            files,
+            out,
+            settings=settings,
+            options=cluster,
+            model=model,
+            domain=domain,
+            symptoms=symptoms,
+            context=context,
+            top_k=top_k,
+            advance=lambda n: progress.advance(task, n),
+        )
+    err.print(
+        f"wrote {run.analyzed + run.failed} results ({run.failed} failed, "
+        f"{run.already_written} already in the output) to {out} in {run.seconds} s"
+    )
 
 
 def samples(
