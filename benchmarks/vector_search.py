@@ -1,20 +1,34 @@
-"""Embedded vector search: latency p50/p95 and recall@10 against exact search.
+"""Vector search: latency p50/p95 and recall@10 against exact search, per index setting.
 
 Builds a collection of N vectors of the model's dimension (256 for lite) through
-``medlens.retrieval.store.EdgeStore`` (the default backend), with the payload a case
-library has (labels, age, domain, split) and payload indexes, then times filtered and
-unfiltered top-10 queries and checks them against exact numpy search.
+``medlens.retrieval.store`` (the embedded qdrant-edge default, or a Qdrant server with
+``--qdrant-url``/MEDLENS_QDRANT_URL as a sharded, replicated collection), with the
+payload a case library has (labels, age, domain, split) and payload indexes, then times
+filtered and unfiltered top-10 queries and checks them against exact numpy search.
 
-The vectors are synthetic but shaped like image embeddings (L2-normalised, clustered by
-class: a Gaussian mixture of 64 clusters with within-cluster spread comparable to lite's
-image embeddings); uniform random vectors are a needlessly pessimistic HNSW case, real
-sample embeddings are too few (~10k) for 100k/1M. Labels follow the clusters, age is
-uniform 18-90.
+Two vector sets (``--vectors``):
+
+- ``realistic``: real lite embeddings of the sample images (train splits of HAM10000,
+  PAD-UFES-20, DermNet, COVID-19 chest X-rays and PneumoniaMNIST, through the embedding
+  cache) grown to N points that keep their cluster structure: each point lies between a
+  real embedding and one of its 10 nearest real neighbours (a uniform fraction ≤ 0.5 of
+  the way) plus isotropic noise of a quarter of the median nearest-neighbour distance,
+  re-normalised, and carries its parent's label. Queries are real embeddings of the
+  *test* splits (never parents), filtered by their own label and an age bound.
+- ``isotropic``: the earlier synthetic set, 64 Gaussian clusters whose within-cluster
+  spread exceeds the distance between centres, i.e. close to uniform on the sphere (a
+  needlessly hard case for HNSW, kept for comparison with earlier runs).
+
+Index settings (``--settings``): ``legacy`` (``store.LEGACY_INDEX``: HNSW m 16,
+ef_construct 128, search ef 256, float32), ``default`` (``store.DEFAULT_INDEX``, what
+MedLens ships) or ``custom`` built from ``--m/--ef-construct/--search-ef/--quant/
+--oversampling``.
 
     python benchmarks/vector_search.py --sizes 10000,100000 --out results/vector_search.json
-    python benchmarks/vector_search.py --sizes 1000000 --workdir /tmp/ml-bench   # ~1 GiB index
+    python benchmarks/vector_search.py --sizes 1000000 --vectors realistic,isotropic \
+        --settings legacy,default --out benchmarks/results/vector_search_1m.json
+    python benchmarks/vector_search.py --sizes 200000 --settings custom --quant int8 --m 32
     python benchmarks/vector_search.py --sizes 10000 --client-local   # qdrant-client local mode
-    python benchmarks/vector_search.py --sizes 1000000 --ef 256,512,1024   # recall vs. ef ramp
 
 Speed goals are reported here, never asserted in tests.
 """
@@ -22,7 +36,9 @@ Speed goals are reported here, never asserted in tests.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import resource
 import shutil
 import sys
@@ -32,10 +48,107 @@ from pathlib import Path
 
 import numpy as np
 
-from medlens.retrieval.store import Condition, EdgeStore, PointData, ServerStore
+from medlens.retrieval.store import (
+    DEFAULT_INDEX,
+    LEGACY_INDEX,
+    Condition,
+    EdgeStore,
+    IndexSettings,
+    PointData,
+    ServerStore,
+)
 
 LABELS = ("nv", "mel", "bkl", "bcc", "akiec", "vasc", "df")
 LABEL_P = np.array([0.6, 0.11, 0.11, 0.06, 0.04, 0.04, 0.04])
+
+
+@dataclasses.dataclass
+class VectorSet:
+    """Points (unit rows) with label ids into ``names``, ages, and queries with theirs."""
+
+    vecs: np.ndarray
+    labels: np.ndarray
+    age: np.ndarray
+    names: tuple[str, ...]
+    queries: np.ndarray
+    query_labels: np.ndarray
+    source: str
+    query_source: str = "synthetic"
+
+
+def isotropic(n: int, dim: int, n_queries: int) -> VectorSet:
+    vecs, labels, age, centers, _ = make_data(n, dim)
+    rng = np.random.default_rng(2)
+    qlab = rng.integers(0, 3, size=n_queries)  # nv, mel, bkl: 60 %, 11 %, 11 % of points
+    return VectorSet(vecs, labels, age, LABELS, queries(centers, n_queries), qlab, "isotropic")
+
+
+# Where the realistic set's real embeddings come from: (dataset, options), parents from
+# the train split, queries from the test split.
+REAL_SOURCES = (
+    ("ham10000", {}),
+    ("pad_ufes_20", {}),
+    ("dermnet", {}),
+    ("covid_chestxray", {}),
+    ("pneumoniamnist", {}),
+)
+
+
+def _real(split: str, per_source: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Lite embeddings of up to ``per_source`` records of ``split`` per source (cached)."""
+    from medlens.datasets import load_dataset
+    from medlens.evaluation.protocols import embed_records
+    from medlens.models import load_encoder
+
+    enc = load_encoder("lite")
+    rng = np.random.default_rng(seed)
+    vecs, labels = [], []
+    for name, opts in REAL_SOURCES:
+        man = load_dataset(name, **opts)
+        recs = [r for r in man.records if r.split == split and r.labels]
+        recs = [recs[i] for i in sorted(rng.permutation(len(recs))[:per_source])]
+        print(f"embedding {len(recs)} {name} {split} images (cached after the first run)")
+        vecs.append(embed_records(enc, man, recs))
+        labels += [f"{name}:{r.labels[0]}" for r in recs]
+    return np.concatenate(vecs).astype(np.float32), labels
+
+
+def realistic(
+    n: int, n_queries: int, per_source: int = 3000, seed: int = 0, query_split: str = "test"
+) -> VectorSet:
+    """Real embeddings grown to ``n`` points along their own neighbourhoods (module doc);
+    queries from ``query_split`` (tune on ``val``, report on ``test``)."""
+    parents, plabels = _real("train", per_source, seed)
+    qvecs, qlabels = _real(query_split, max(1, n_queries // len(REAL_SOURCES)), seed + 1)
+    names = tuple(sorted(set(plabels) | set(qlabels)))
+    pid = np.array([names.index(x) for x in plabels])
+    # 10 nearest real neighbours of every parent (cosine on unit rows), in chunks.
+    nn = np.empty((len(parents), 10), np.int64)
+    nn_dist = np.empty(len(parents), np.float32)
+    for s in range(0, len(parents), 2048):
+        sim = parents[s : s + 2048] @ parents.T
+        sim[np.arange(len(sim)), np.arange(s, s + len(sim))] = -np.inf
+        nn[s : s + len(sim)] = np.argpartition(-sim, 10, axis=1)[:, :10]
+        nn_dist[s : s + len(sim)] = np.sqrt(np.maximum(0.0, 2 - 2 * sim.max(axis=1)))
+    sigma = 0.25 * float(np.median(nn_dist))
+    rng = np.random.default_rng(seed)
+    dim = parents.shape[1]
+    out = np.empty((n, dim), np.float32)
+    which = rng.integers(0, len(parents), size=n)
+    for s in range(0, n, 100_000):
+        e = min(n, s + 100_000)
+        p = which[s:e]
+        q = nn[p, rng.integers(0, 10, size=e - s)]
+        lam = rng.uniform(0, 0.5, size=(e - s, 1)).astype(np.float32)
+        noise = rng.standard_normal((e - s, dim)).astype(np.float32) * (sigma / np.sqrt(dim))
+        out[s:e] = (1 - lam) * parents[p] + lam * parents[q] + noise
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    age = rng.uniform(18, 90, size=n).astype(np.float32)
+    qid = np.array([names.index(x) for x in qlabels])
+    keep = rng.permutation(len(qvecs))[:n_queries]
+    return VectorSet(
+        out, pid[which], age, names, qvecs[keep], qid[keep], "realistic", f"{query_split} split"
+    )
 
 
 def make_data(n: int, dim: int, seed: int = 0, n_clusters: int = 64):
@@ -65,7 +178,8 @@ def point_id(i: int) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_OID, f"bench-{i}"))
 
 
-def build(store, name: str, vecs, labels, age, batch: int = 4000) -> dict[str, float]:
+def build(store, name: str, vs: VectorSet, batch: int = 4000) -> dict[str, float]:
+    vecs, labels, age = vs.vecs, vs.labels, vs.age
     store.drop(name)
     store.create(name, {"image": vecs.shape[1]})
     t0 = time.perf_counter()
@@ -75,7 +189,7 @@ def build(store, name: str, vecs, labels, age, batch: int = 4000) -> dict[str, f
                 point_id(i),
                 {"image": vecs[i]},
                 {
-                    "labels": [LABELS[labels[i]]],
+                    "labels": [vs.names[labels[i]]],
                     "age": float(age[i]),
                     "domain": "dermatology",
                     "split": "test" if i % 5 == 0 else "train",
@@ -98,67 +212,107 @@ def exact_topk(vecs, mask, q, k=10) -> np.ndarray:
     return idx[top[np.argsort(-scores[top])]]
 
 
-def measure(store, name, vecs, labels, age, qs, filtered: bool, k: int = 10, ef=None):
+def measure(store, name, vs: VectorSet, filtered: bool, k: int = 10, ef=None):
     lat, recalls = [], []
     rng = np.random.default_rng(2)
-    for q in qs[:20]:  # warm-up: first touches of the mmapped index
+    for q in vs.queries[:20]:  # warm-up: first touches of the mmapped index
         store.search(name, q, "image", k=k, ef=ef)
-    for q in qs:
+    for q, lab in zip(vs.queries, vs.query_labels, strict=True):
         if filtered:
-            lab = int(rng.integers(0, 3))  # nv, mel, bkl: 60 %, 11 %, 11 % of points
             lo = float(rng.choice([40.0, 60.0]))
-            conds = [Condition("labels", "eq", LABELS[lab]), Condition("age", "gte", lo)]
-            mask = (labels == lab) & (age >= lo)
+            conds = [Condition("labels", "eq", vs.names[lab]), Condition("age", "gte", lo)]
+            mask = (vs.labels == lab) & (vs.age >= lo)
         else:
-            conds, mask = [], np.ones(len(vecs), bool)
+            conds, mask = [], np.ones(len(vs.vecs), bool)
         t0 = time.perf_counter()
         hits = store.search(name, q, "image", k=k, filters=conds, ef=ef)
         lat.append((time.perf_counter() - t0) * 1000)
         got = {h.payload["i"] for h in hits}
-        truth = set(exact_topk(vecs, mask, q, k).tolist())
+        truth = set(exact_topk(vs.vecs, mask, q, k).tolist())
         recalls.append(len(got & truth) / max(1, len(truth)))
     lat_a = np.array(lat)
     return {
         "p50_ms": round(float(np.percentile(lat_a, 50)), 3),
         "p95_ms": round(float(np.percentile(lat_a, 95)), 3),
         "recall_at_10": round(float(np.mean(recalls)), 4),
-        "queries": len(qs),
+        "queries": len(vs.queries),
     }
 
 
-def rss_gib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+def rss_gib() -> dict[str, float]:
+    """Peak and current resident memory of this process (GiB; /proc where there is one)."""
+    out = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                out["rss_gib"] = round(int(line.split()[1]) / 2**20, 2)
+    except OSError:
+        pass
+    return out
 
 
-def run_size(
-    n: int, dim: int, workdir: Path, n_queries: int, client_local: bool, efs: list[int]
-) -> dict:
-    vecs, labels, age, centers, _ = make_data(n, dim)
-    qs = queries(centers, n_queries)
-    row: dict = {"n": n, "dim": dim}
-    if client_local:
-        store = ServerStore(path=workdir / f"client-{n}")
+def settings_for(name: str, args: argparse.Namespace) -> IndexSettings:
+    if name == "legacy":
+        return LEGACY_INDEX
+    if name == "default":
+        return DEFAULT_INDEX
+    if name.startswith("custom:"):  # e.g. custom:m=32,search_ef=128,quantization=int8
+        fields = {f.name: f.type for f in dataclasses.fields(IndexSettings)}
+        kv = dict(item.split("=", 1) for item in name.split(":", 1)[1].split(";") if item)
+        conv = {"int": int, "float": float, "bool": lambda v: v == "true"}
+        vals = {k: conv.get(str(fields[k]), lambda v: v or None)(v) for k, v in kv.items()}
+        return IndexSettings(**vals)
+    if name == "custom":
+        return IndexSettings(
+            m=args.m,
+            ef_construct=args.ef_construct,
+            search_ef=args.search_ef,
+            quantization=args.quant or None,
+            oversampling=args.oversampling,
+        )
+    sys.exit(f"unknown settings {name!r}: legacy, default, custom or custom:k=v;k=v")
+
+
+def run_one(vs: VectorSet, index: IndexSettings, label: str, args, efs: list[int]) -> dict:
+    n, dim = vs.vecs.shape
+    row: dict = {"n": n, "dim": dim, "vectors": vs.source, "settings": label}
+    row["queries_from"] = vs.query_source
+    row["index"] = dataclasses.asdict(index)
+    url = args.qdrant_url or os.environ.get("MEDLENS_QDRANT_URL")
+    if url:
+        store = ServerStore(
+            url,
+            os.environ.get("MEDLENS_QDRANT_API_KEY"),
+            shards=args.shards,
+            replicas=args.replicas,
+            index=index,
+        )
+        row["backend"] = f"qdrant server ({args.shards} shards × {args.replicas} replicas)"
+    elif args.client_local:
+        store = ServerStore(path=args.workdir / f"client-{n}", index=index)
         row["backend"] = "qdrant-client local mode"
     else:
-        store = EdgeStore(workdir)
+        store = EdgeStore(args.workdir, index=index)
         row["backend"] = "qdrant-edge (embedded)"
-    name = f"bench-{n}"
-    row.update(build(store, name, vecs, labels, age))
-    row["filtered"] = measure(store, name, vecs, labels, age, qs, filtered=True)
-    row["unfiltered"] = measure(store, name, vecs, labels, age, qs, filtered=False)
-    row["search_ef"] = EdgeStore.SEARCH_EF
+    name = f"bench-{vs.source}-{n}-" + "".join(c if c.isalnum() else "-" for c in label)
+    row.update(build(store, name, vs))
+    row.update({f"after_build_{k}": v for k, v in rss_gib().items()})
+    row["filtered"] = measure(store, name, vs, filtered=True)
+    row["unfiltered"] = measure(store, name, vs, filtered=False)
     row["ef_ramp"] = {
         str(ef): {
-            "filtered": measure(store, name, vecs, labels, age, qs, filtered=True, ef=ef),
-            "unfiltered": measure(store, name, vecs, labels, age, qs, filtered=False, ef=ef),
+            "filtered": measure(store, name, vs, filtered=True, ef=ef),
+            "unfiltered": measure(store, name, vs, filtered=False, ef=ef),
         }
         for ef in efs
     }
-    row["peak_rss_gib"] = rss_gib()
-    if not client_local:
+    row.update(rss_gib())
+    if isinstance(store, EdgeStore):
         row["disk_mib"] = round(
-            sum(p.stat().st_size for p in (workdir / name).rglob("*") if p.is_file()) / 2**20
+            sum(p.stat().st_size for p in (args.workdir / name).rglob("*") if p.is_file()) / 2**20
         )
+    if not args.keep:
+        store.drop(name)
     store.close()
     return row
 
@@ -166,25 +320,53 @@ def run_size(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10000,100000")
-    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--dim", type=int, default=256, help="isotropic set only")
+    ap.add_argument("--vectors", default="isotropic", help="realistic and/or isotropic")
+    ap.add_argument(
+        "--settings",
+        default="default",
+        help="comma-separated: legacy, default, custom (the flags below) or "
+        "custom:m=32;search_ef=128;quantization=int8 (IndexSettings fields)",
+    )
+    ap.add_argument("--m", type=int, default=16)
+    ap.add_argument("--ef-construct", type=int, default=128)
+    ap.add_argument("--search-ef", type=int, default=256)
+    ap.add_argument("--quant", default="", help="'' (float32) or int8")
+    ap.add_argument("--oversampling", type=float, default=2.0)
     ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--per-source", type=int, default=3000, help="real parents per dataset")
+    ap.add_argument(
+        "--query-split", default="test", help="realistic queries: val to tune, test to report"
+    )
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/medlens-vector-bench"))
     ap.add_argument("--client-local", action="store_true", help="measure qdrant-client local mode")
+    ap.add_argument("--qdrant-url", default="", help="a Qdrant server (or MEDLENS_QDRANT_URL)")
+    ap.add_argument("--shards", type=int, default=2, help="server collections only")
+    ap.add_argument("--replicas", type=int, default=1, help="server collections only")
     ap.add_argument("--ef", default="", help="also measure these search ef values, e.g. 64,512")
     ap.add_argument("--keep", action="store_true", help="keep the built collections")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    efs = [int(e) for e in args.ef.split(",") if e.strip()]
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
-        efs = [int(e) for e in args.ef.split(",") if e.strip()]
-        row = run_size(n, args.dim, args.workdir, args.queries, args.client_local, efs)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        for kind in (v.strip() for v in args.vectors.split(",") if v.strip()):
+            if kind == "realistic":
+                vs = realistic(n, args.queries, args.per_source, query_split=args.query_split)
+            elif kind == "isotropic":
+                vs = isotropic(n, args.dim, args.queries)
+            else:
+                sys.exit(f"unknown vector set {kind!r}: realistic or isotropic")
+            for label in (x.strip() for x in args.settings.split(",") if x.strip()):
+                row = run_one(vs, settings_for(label, args), label, args, efs)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                if args.out:  # after every row: a long run keeps what it measured
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(json.dumps(rows, indent=2))
+            del vs
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=2))
     sys.stdout.flush()
 
 

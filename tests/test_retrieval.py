@@ -42,8 +42,11 @@ from medlens.retrieval.library import (
     subset,
 )
 from medlens.retrieval.store import (
+    DEFAULT_INDEX,
+    LEGACY_INDEX,
     Condition,
     EdgeStore,
+    IndexSettings,
     PointData,
     ServerStore,
     open_store,
@@ -155,6 +158,31 @@ def test_embedded_and_server_backends_agree(tmp_path: Path) -> None:
     assert all(pts[i].payload["labels"] == ["mel"] for i in results[0][1])
     assert all(pts[i].payload["age"] >= 40 for i in results[0][2])
     assert all(pts[i].payload["age"] == 33.0 for i in results[0][4])
+
+
+@pytest.mark.parametrize("index", [LEGACY_INDEX, DEFAULT_INDEX], ids=["float32", "int8"])
+def test_index_settings_build_what_they_say_and_search_agrees(tmp_path: Path, index) -> None:
+    """Both backends create collections with the graph and quantization an
+    ``IndexSettings`` names, and indexed search (HNSW, int8 with float32 re-scoring)
+    finds the exact neighbours on a set small enough for it to be exact."""
+    pts = _points()
+    q = np.random.default_rng(2).standard_normal(16).astype(np.float32)
+    edge = EdgeStore(tmp_path / "edge", index=index)
+    server = ServerStore(location=":memory:", index=index)
+    for s in (edge, server):
+        s.create("t", {"image": 16, "text": 16})
+        s.upsert("t", pts)
+        exact = [h.id for h in s.search("t", q, "image", k=10, exact=True)]
+        assert [h.id for h in s.search("t", q, "image", k=10)] == exact
+    cfg = json.loads((tmp_path / "edge" / "t" / "edge_config.json").read_text())
+    text = json.dumps(cfg)
+    assert f'"m": {index.m}' in text and f'"ef_construct": {index.ef_construct}' in text
+    assert ("int8" in text.lower()) == (index.quantization == "int8")
+    # qdrant-client's local mode keeps the HNSW settings but drops quantization (a
+    # server keeps both; benchmarks/vector_search.py --qdrant-url measures one).
+    assert server.client.get_collection("t").config.hnsw_config.m == index.m
+    with pytest.raises(ConfigError, match="quantization"):
+        IndexSettings(quantization="int4")
 
 
 # ----------------------------------------------------------------------------- library
