@@ -26,6 +26,7 @@ LAYERS = (
     "retrieval",
     "report",
     "pipeline",
+    "distributed",
     "evaluation",
     "training",
     "audit",

@@ -61,3 +61,8 @@ class ConfigError(MedLensError):
 
 class DatasetError(MedLensError):
     """A dataset folder does not have the layout its loader expects."""
+
+
+class ClusterError(MedLensError):
+    """Distributed runs: Ray is not installed (``pip install 'medlens[ray]'``), its cluster
+    cannot be reached, or its workers do not run the same model as this process."""

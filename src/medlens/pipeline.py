@@ -210,7 +210,7 @@ class MedLens:
         ranked = sorted(probs, key=probs.get, reverse=True)
 
         t3 = time.perf_counter()
-        cases, passages, note = self._context(emb, pack.id, ranked[: min(3, top_k)])
+        cases, passages, note = self.retrieval_context(emb, pack.id, ranked[: min(3, top_k)])
         timings["retrieval"] = (time.perf_counter() - t3) * 1000
         timings["total"] = (time.perf_counter() - t0) * 1000
 
@@ -381,7 +381,7 @@ class MedLens:
         views = [adm.flip_embeddings[f] for f in flips]
         return ensemble(np.vstack([adm.embedding[None], *views]))
 
-    def _context(
+    def retrieval_context(
         self, emb: np.ndarray, domain: str, finding_ids: list[str]
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
         """Similar cases from the case library and knowledge passages for the top

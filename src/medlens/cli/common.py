@@ -100,3 +100,34 @@ def progress_bar() -> Any:
         TimeRemainingColumn(),
         console=err,
     )
+
+
+# -- Ray (docs/ray.md): the options ``index`` and ``analyze FOLDER`` share ------------------
+RAY_FLAG = typer.Option(
+    False,
+    "--ray",
+    help="Run on Ray (pip install 'medlens[ray]'): the cluster at RAY_ADDRESS, else a "
+    "local runtime.",
+)
+RAY_ADDRESS = typer.Option(
+    None,
+    "--ray-address",
+    help="Run on the Ray cluster at ADDR (host:port or ray://host:port; implies --ray).",
+)
+RAY_WORKERS = typer.Option(2, "--ray-workers", min=1, help="Ray workers (each loads the model).")
+RAY_GPUS = typer.Option(
+    0.0, "--ray-gpus", min=0.0, help="GPUs per Ray worker (> 0: the workers run on CUDA)."
+)
+
+
+def ray_options(
+    ray: bool, address: str | None, workers: int, gpus: float, batch_size: int = 32
+) -> Any:
+    """``RayOptions`` for a command's --ray options, or None when the run stays local."""
+    if not ray and address is None:
+        return None
+    from medlens.distributed.runtime import RayOptions
+
+    return RayOptions(
+        address=address or "auto", workers=workers, gpus_per_worker=gpus, batch_size=batch_size
+    )

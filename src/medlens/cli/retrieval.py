@@ -10,7 +10,16 @@ from typing import Any
 
 import typer
 
-from medlens.cli.common import err, friendly, progress_bar
+from medlens.cli.common import (
+    RAY_ADDRESS,
+    RAY_FLAG,
+    RAY_GPUS,
+    RAY_WORKERS,
+    err,
+    friendly,
+    progress_bar,
+    ray_options,
+)
 from medlens.config import Settings
 from medlens.errors import ConfigError
 
@@ -46,6 +55,10 @@ def index(
         False, "--check", help="Report libraries that are stale against their data or model."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    ray: bool = RAY_FLAG,
+    ray_address: str | None = RAY_ADDRESS,
+    ray_workers: int = RAY_WORKERS,
+    ray_gpus: float = RAY_GPUS,
     *,
     settings: Settings,
 ) -> None:
@@ -76,20 +89,23 @@ def index(
     if limit is not None and limit < len(manifest.records):
         manifest = subset(manifest, limit)
         desc = {**desc, "subset": limit}
-    encoder = load_encoder(model or settings.model, device=settings.device)
+    cluster = ray_options(ray, ray_address, ray_workers, ray_gpus, batch_size)
     with progress_bar() as progress:
         task = progress.add_task(f"indexing {manifest.name}", total=len(manifest.records))
-        rep = ingest(
-            manifest,
-            encoder,
-            lib,
-            source=desc,
-            batch_size=batch_size,
-            workers=workers,
-            refresh=refresh,
-            advance=lambda n: progress.advance(task, n),
-            named_ids=named_ids,
-        )
+        common: dict[str, Any] = {
+            "source": desc,
+            "refresh": refresh,
+            "advance": lambda n: progress.advance(task, n),
+            "named_ids": named_ids,
+        }
+        if cluster is not None:
+            from medlens.distributed.ingest import ray_ingest
+
+            spec = model or settings.model
+            rep = ray_ingest(manifest, spec, lib, settings=settings, options=cluster, **common)
+        else:
+            encoder = load_encoder(model or settings.model, device=settings.device)
+            rep = ingest(manifest, encoder, lib, batch_size=batch_size, workers=workers, **common)
     if as_json:
         sys.stdout.write(json.dumps(rep.to_dict()) + "\n")
         return

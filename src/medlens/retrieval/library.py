@@ -66,6 +66,16 @@ SAFE_META = (
     "dx_type",
 )
 Advance = Callable[[int], None]
+# (record, content hash, point id) of a record to index.
+Item = tuple[Any, str, str]
+# emit(items, image vectors by content hash, safe context by content hash): payloads,
+# upsert, progress.
+Emit = Callable[[list[Item], dict[str, np.ndarray], dict[str, dict]], None]
+# embed_misses(manifest, encoder, cache, items, cached, emit, report, batch_size, workers):
+# decode + thumbnail + embed ``items`` (adding vectors to ``cached``), then ``emit`` them.
+EmbedMisses = Callable[
+    [Any, Any, Store, list[Item], dict[str, np.ndarray], Emit, "IngestReport", int, int], None
+]
 
 
 # ----------------------------------------------------------------------------- naming
@@ -317,33 +327,51 @@ class _DecodeSet:
         except MedLensError as exc:
             return {"i": i, "error": f"{type(exc).__name__}: {exc}"}
         _write_thumbnail(pixels, thumbnail_path(chash))
-        safe = (
-            {"sex": ctx.sex, "age": ctx.age_years, "view": ctx.view, "modality": ctx.modality}
-            if ctx is not None and ctx.source_format == "dicom"
-            else {}
-        )
-        return {"i": i, "pixels": pixels, "context": safe}
+        return {"i": i, "pixels": pixels, "context": safe_context(ctx)}
 
 
-def _write_thumbnail(pixels: np.ndarray, path: Path) -> None:
-    if path.is_file():
-        return
+def safe_context(ctx: Any) -> dict[str, Any]:
+    """The StudyContext fields a payload may take (DICOM only: sex, age, view, modality);
+    every other field, and the identifiers, stay where the image was decoded."""
+    if ctx is None or ctx.source_format != "dicom":
+        return {}
+    return {"sex": ctx.sex, "age": ctx.age_years, "view": ctx.view, "modality": ctx.modality}
+
+
+def thumbnail_jpeg(pixels: np.ndarray) -> bytes:
+    """The library thumbnail of ``pixels``: JPEG bytes, longer side THUMB_SIZE."""
+    import io
+
     from PIL import Image
 
+    im = Image.fromarray(pixels)
+    im.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def store_thumbnail(jpeg: bytes, path: Path) -> None:
+    """Write thumbnail bytes to ``path`` (under thumbnails_dir()) unless it exists."""
+    if path.is_file():
+        return
     from medlens.config import private_dir
 
     private_dir(thumbnails_dir())
     private_dir(path.parent)
-    im = Image.fromarray(pixels)
-    im.thumbnail((THUMB_SIZE, THUMB_SIZE))
     fd, tmp = tempfile.mkstemp(prefix=".thumb.", suffix=".jpg", dir=path.parent)
-    os.close(fd)
     try:
-        im.save(tmp, format="JPEG", quality=85)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(jpeg)
         os.replace(tmp, path)  # atomic: a reader never sees half a thumbnail
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _write_thumbnail(pixels: np.ndarray, path: Path) -> None:
+    if not path.is_file():
+        store_thumbnail(thumbnail_jpeg(pixels), path)
 
 
 def _identity(batch: list) -> list:
@@ -410,6 +438,7 @@ def ingest(
     refresh: bool = False,
     advance: Advance | None = None,
     named_ids: bool | None = None,
+    embed_misses: EmbedMisses | None = None,
 ) -> IngestReport:
     """Index ``manifest`` into ``library``; returns what was done.
 
@@ -417,7 +446,10 @@ def ingest(
     them, still without forward passes when the cache is warm). ``advance(n)`` is called
     as records complete (progress bars). ``named_ids`` (default MEDLENS_LIBRARY_NAMED_IDS)
     shows cases by their record ids instead of opaque ids; changing it for a collection
-    rewrites that dataset's payloads.
+    rewrites that dataset's payloads. ``embed_misses`` decodes and embeds the records that
+    need it (default: DataLoader workers in this process, ``_ingest_slow``; Ray workers:
+    ``medlens.distributed.ingest``); everything else (hashing, resume, payloads, the
+    store, the registry) stays here.
     """
     from medlens.config import get_settings
 
@@ -499,7 +531,8 @@ def ingest(
         rep.image_cache_hits += sum(1 for _, h, _ in chunk if h in cached)
         emit(chunk, cached, {})
     if slow:
-        _ingest_slow(manifest, encoder, cache, slow, cached, emit, rep, batch_size, workers)
+        run = embed_misses or _ingest_slow
+        run(manifest, encoder, cache, slow, cached, emit, rep, batch_size, workers)
     store.flush(coll)
     if rep.indexed:
         store.optimize(coll)
