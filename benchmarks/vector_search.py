@@ -299,6 +299,10 @@ def run_one(vs: VectorSet, index: IndexSettings, label: str, args, efs: list[int
     row.update({f"after_build_{k}": v for k, v in rss_gib().items()})
     row["filtered"] = measure(store, name, vs, filtered=True)
     row["unfiltered"] = measure(store, name, vs, filtered=False)
+    # The same graph searched without ACORN (a search-time choice: no rebuild).
+    store.index = dataclasses.replace(index, acorn=False)
+    row["filtered_without_acorn"] = measure(store, name, vs, filtered=True)
+    store.index = index
     row["ef_ramp"] = {
         str(ef): {
             "filtered": measure(store, name, vs, filtered=True, ef=ef),
@@ -315,6 +319,32 @@ def run_one(vs: VectorSet, index: IndexSettings, label: str, args, efs: list[int
         store.drop(name)
     store.close()
     return row
+
+
+def table(paths: list[Path]) -> str:
+    """Markdown rows for the JSON files of earlier runs (docs/retrieval.md, RESULTS)."""
+    out = [
+        "| vectors | n | settings | build (upsert + index) | RSS after build / peak "
+        "| filtered p50 / p95 | filtered recall@10 | unfiltered p50 / p95 "
+        "| unfiltered recall@10 | filtered without ACORN: p50 / recall |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        for r in json.loads(path.read_text()):
+            i = r["index"]
+            st = (
+                f"{r['settings']}: m {i['m']}, ef_c {i['ef_construct']}, ef {i['search_ef']}, "
+                f"{i['quantization'] or 'float32'}"
+            )
+            f, u, na = r["filtered"], r["unfiltered"], r.get("filtered_without_acorn")
+            no_acorn = f"{na['p50_ms']} ms / {na['recall_at_10']}" if na else "–"
+            out.append(
+                f"| {r['vectors']} | {r['n']:,} | {st} | {r['upsert_s']} s + {r['index_s']} s "
+                f"| {r.get('after_build_rss_gib', '–')} / {r['peak_rss_gib']} GiB "
+                f"| {f['p50_ms']} / {f['p95_ms']} ms | {f['recall_at_10']} "
+                f"| {u['p50_ms']} / {u['p95_ms']} ms | {u['recall_at_10']} | {no_acorn} |"
+            )
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -346,7 +376,11 @@ def main() -> None:
     ap.add_argument("--ef", default="", help="also measure these search ef values, e.g. 64,512")
     ap.add_argument("--keep", action="store_true", help="keep the built collections")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--table", nargs="+", type=Path, help="print earlier runs' JSON as markdown")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     efs = [int(e) for e in args.ef.split(",") if e.strip()]
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):

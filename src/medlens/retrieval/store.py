@@ -154,6 +154,7 @@ class IndexSettings:
     quantile: float = 0.99
     oversampling: float = 2.0
     rescore: bool = True
+    acorn: bool = True  # filtered search also walks 2-hop neighbours (ACORN)
 
     def __post_init__(self) -> None:
         if self.quantization not in (None, "int8"):
@@ -315,7 +316,7 @@ class EdgeStore:
             params=qe.SearchParams(
                 hnsw_ef=ef or self.index.search_ef,
                 exact=exact,
-                acorn=qe.AcornSearchParams(enable=True),
+                acorn=qe.AcornSearchParams(enable=self.index.acorn),
                 quantization=qe.QuantizationSearchParams(
                     rescore=self.index.rescore, oversampling=self.index.oversampling
                 ),
@@ -550,7 +551,7 @@ class ServerStore:
                 search_params=m.SearchParams(
                     hnsw_ef=ef or self.index.search_ef,
                     exact=exact,
-                    acorn=m.AcornSearchParams(enable=True),
+                    acorn=m.AcornSearchParams(enable=self.index.acorn),
                     quantization=m.QuantizationSearchParams(
                         rescore=self.index.rescore, oversampling=self.index.oversampling
                     ),
