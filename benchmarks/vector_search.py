@@ -21,8 +21,8 @@ Two vector sets (``--vectors``):
 
 Index settings (``--settings``): ``legacy`` (``store.LEGACY_INDEX``: HNSW m 16,
 ef_construct 128, search ef 256, float32), ``default`` (``store.DEFAULT_INDEX``, what
-MedLens ships) or ``custom`` built from ``--m/--ef-construct/--search-ef/--quant/
---oversampling``.
+MedLens ships), ``int8`` (``store.INT8_INDEX``) or ``custom`` built from
+``--m/--ef-construct/--search-ef/--quant/--oversampling`` (or ``custom:k=v;k=v``).
 
     python benchmarks/vector_search.py --sizes 10000,100000 --out results/vector_search.json
     python benchmarks/vector_search.py --sizes 1000000 --vectors realistic,isotropic \
@@ -50,6 +50,7 @@ import numpy as np
 
 from medlens.retrieval.store import (
     DEFAULT_INDEX,
+    INT8_INDEX,
     LEGACY_INDEX,
     Condition,
     EdgeStore,
@@ -114,13 +115,18 @@ def _real(split: str, per_source: int, seed: int) -> tuple[np.ndarray, list[str]
 
 
 def realistic(
-    n: int, n_queries: int, per_source: int = 3000, seed: int = 0, query_split: str = "test"
-) -> VectorSet:
+    n: int,
+    n_queries: int,
+    per_source: int = 3000,
+    seed: int = 0,
+    query_splits: tuple[str, ...] = ("test",),
+) -> list[VectorSet]:
     """Real embeddings grown to ``n`` points along their own neighbourhoods (module doc);
-    queries from ``query_split`` (tune on ``val``, report on ``test``)."""
+    one VectorSet per query split, sharing the points (tune on ``val``, report ``test``)."""
     parents, plabels = _real("train", per_source, seed)
-    qvecs, qlabels = _real(query_split, max(1, n_queries // len(REAL_SOURCES)), seed + 1)
-    names = tuple(sorted(set(plabels) | set(qlabels)))
+    per = max(1, n_queries // len(REAL_SOURCES))
+    qsets = {qs: _real(qs, per, seed + 1) for qs in query_splits}
+    names = tuple(sorted(set(plabels).union(*(set(q[1]) for q in qsets.values()))))
     pid = np.array([names.index(x) for x in plabels])
     # 10 nearest real neighbours of every parent (cosine on unit rows), in chunks.
     nn = np.empty((len(parents), 10), np.int64)
@@ -144,11 +150,16 @@ def realistic(
         out[s:e] = (1 - lam) * parents[p] + lam * parents[q] + noise
     out /= np.linalg.norm(out, axis=1, keepdims=True)
     age = rng.uniform(18, 90, size=n).astype(np.float32)
-    qid = np.array([names.index(x) for x in qlabels])
-    keep = rng.permutation(len(qvecs))[:n_queries]
-    return VectorSet(
-        out, pid[which], age, names, qvecs[keep], qid[keep], "realistic", f"{query_split} split"
-    )
+    sets = []
+    for qs, (qvecs, qlabels) in qsets.items():
+        qid = np.array([names.index(x) for x in qlabels])
+        keep = np.random.default_rng(seed + 2).permutation(len(qvecs))[:n_queries]
+        sets.append(
+            VectorSet(
+                out, pid[which], age, names, qvecs[keep], qid[keep], "realistic", f"{qs} split"
+            )
+        )
+    return sets
 
 
 def make_data(n: int, dim: int, seed: int = 0, n_clusters: int = 64):
@@ -256,6 +267,8 @@ def settings_for(name: str, args: argparse.Namespace) -> IndexSettings:
         return LEGACY_INDEX
     if name == "default":
         return DEFAULT_INDEX
+    if name == "int8":
+        return INT8_INDEX
     if name.startswith("custom:"):  # e.g. custom:m=32,search_ef=128,quantization=int8
         fields = {f.name: f.type for f in dataclasses.fields(IndexSettings)}
         kv = dict(item.split("=", 1) for item in name.split(":", 1)[1].split(";") if item)
@@ -273,7 +286,19 @@ def settings_for(name: str, args: argparse.Namespace) -> IndexSettings:
     sys.exit(f"unknown settings {name!r}: legacy, default, custom or custom:k=v;k=v")
 
 
-def run_one(vs: VectorSet, index: IndexSettings, label: str, args, efs: list[int]) -> dict:
+def _without_acorn(store, name: str, vs: VectorSet, index: IndexSettings) -> dict:
+    """Filtered search on the same graph without ACORN (a search-time choice)."""
+    store.index = dataclasses.replace(index, acorn=False)
+    try:
+        return measure(store, name, vs, filtered=True)
+    finally:
+        store.index = index
+
+
+def run_one(sets: list[VectorSet], index: IndexSettings, label: str, args, efs: list[int]) -> dict:
+    """Build one collection from ``sets[0]``'s points and measure every query set on it
+    (the first at the top level, the others under ``other_queries``)."""
+    vs = sets[0]
     n, dim = vs.vecs.shape
     row: dict = {"n": n, "dim": dim, "vectors": vs.source, "settings": label}
     row["queries_from"] = vs.query_source
@@ -299,16 +324,21 @@ def run_one(vs: VectorSet, index: IndexSettings, label: str, args, efs: list[int
     row.update({f"after_build_{k}": v for k, v in rss_gib().items()})
     row["filtered"] = measure(store, name, vs, filtered=True)
     row["unfiltered"] = measure(store, name, vs, filtered=False)
-    # The same graph searched without ACORN (a search-time choice: no rebuild).
-    store.index = dataclasses.replace(index, acorn=False)
-    row["filtered_without_acorn"] = measure(store, name, vs, filtered=True)
-    store.index = index
+    row["filtered_without_acorn"] = _without_acorn(store, name, vs, index)
     row["ef_ramp"] = {
         str(ef): {
             "filtered": measure(store, name, vs, filtered=True, ef=ef),
             "unfiltered": measure(store, name, vs, filtered=False, ef=ef),
         }
         for ef in efs
+    }
+    row["other_queries"] = {
+        other.query_source: {
+            "filtered": measure(store, name, other, filtered=True),
+            "unfiltered": measure(store, name, other, filtered=False),
+            "filtered_without_acorn": _without_acorn(store, name, other, index),
+        }
+        for other in sets[1:]
     }
     row.update(rss_gib())
     if isinstance(store, EdgeStore):
@@ -355,7 +385,7 @@ def main() -> None:
     ap.add_argument(
         "--settings",
         default="default",
-        help="comma-separated: legacy, default, custom (the flags below) or "
+        help="comma-separated: legacy, default, int8, custom (the flags below) or "
         "custom:m=32;search_ef=128;quantization=int8 (IndexSettings fields)",
     )
     ap.add_argument("--m", type=int, default=16)
@@ -366,7 +396,9 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--per-source", type=int, default=3000, help="real parents per dataset")
     ap.add_argument(
-        "--query-split", default="test", help="realistic queries: val to tune, test to report"
+        "--query-split",
+        default="test",
+        help="realistic queries: val to tune, test to report; val,test measures both on one build",
     )
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/medlens-vector-bench"))
     ap.add_argument("--client-local", action="store_true", help="measure qdrant-client local mode")
@@ -386,19 +418,20 @@ def main() -> None:
     for n in (int(s) for s in args.sizes.split(",")):
         for kind in (v.strip() for v in args.vectors.split(",") if v.strip()):
             if kind == "realistic":
-                vs = realistic(n, args.queries, args.per_source, query_split=args.query_split)
+                splits = tuple(x.strip() for x in args.query_split.split(",") if x.strip())
+                sets = realistic(n, args.queries, args.per_source, query_splits=splits)
             elif kind == "isotropic":
-                vs = isotropic(n, args.dim, args.queries)
+                sets = [isotropic(n, args.dim, args.queries)]
             else:
                 sys.exit(f"unknown vector set {kind!r}: realistic or isotropic")
             for label in (x.strip() for x in args.settings.split(",") if x.strip()):
-                row = run_one(vs, settings_for(label, args), label, args, efs)
+                row = run_one(sets, settings_for(label, args), label, args, efs)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 if args.out:  # after every row: a long run keeps what it measured
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps(rows, indent=2))
-            del vs
+            del sets
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
     sys.stdout.flush()

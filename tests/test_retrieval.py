@@ -43,7 +43,7 @@ from medlens.retrieval.library import (
 )
 from medlens.retrieval.store import (
     DEFAULT_INDEX,
-    LEGACY_INDEX,
+    INT8_INDEX,
     Condition,
     EdgeStore,
     IndexSettings,
@@ -160,7 +160,7 @@ def test_embedded_and_server_backends_agree(tmp_path: Path) -> None:
     assert all(pts[i].payload["age"] == 33.0 for i in results[0][4])
 
 
-@pytest.mark.parametrize("index", [LEGACY_INDEX, DEFAULT_INDEX], ids=["float32", "int8"])
+@pytest.mark.parametrize("index", [DEFAULT_INDEX, INT8_INDEX], ids=["float32", "int8"])
 def test_index_settings_build_what_they_say_and_search_agrees(tmp_path: Path, index) -> None:
     """Both backends create collections with the graph and quantization an
     ``IndexSettings`` names, and indexed search (HNSW, int8 with float32 re-scoring)

@@ -163,13 +163,15 @@ class IndexSettings:
             raise ConfigError(f"invalid index settings: {self}")
 
 
-# The settings of MedLens <= 2026-12-06 (the 1M benchmark's "old" row) and today's
-# default: the same graph, vectors also kept as int8 in RAM and searched in int8 with the
-# best 2 × k re-scored in float32. On 200k realistic vectors with validation-split queries
-# (docs/retrieval.md) it built the graph 2.3× faster (95 s vs 221 s) at recall@10 ≥ 0.98
-# filtered and unfiltered; ef 128 lost unfiltered recall (0.963), m 32 bought little.
+# The settings of MedLens <= 2026-12-06 (the 1M benchmark's "old" rows) and today's
+# default, chosen on validation-split queries (docs/retrieval.md, "A million cases"):
+# float32 vectors, m 16, ef_construct 128, ef 256. int8 scalar quantization (with the
+# best 2 × k re-scored in float32) built the graph 2.3× faster but lost recall on the
+# 200k validation run (filtered 0.992 vs 1.000, unfiltered 0.984 vs 0.995), and at 1M
+# fell under 0.95 unfiltered: an option for memory-bound libraries, not the default.
 LEGACY_INDEX = IndexSettings()
-DEFAULT_INDEX = IndexSettings(quantization="int8")
+DEFAULT_INDEX = IndexSettings()
+INT8_INDEX = IndexSettings(quantization="int8")
 
 
 class EdgeStore:
