@@ -73,6 +73,16 @@ def model_bound(payloads: list[tuple[str, bytes]], n: int, model: str | None) ->
     return {"requests": n, "seconds": round(elapsed, 3), "rps": round(n / elapsed, 2)}
 
 
+def warm_up(url: str, payloads: list[tuple[str, bytes]]) -> None:
+    """Each payload once, and one request with symptom text, before anything is timed,
+    as ``model_bound`` warms its in-process MedLens: the service loads the text tower
+    just after /readyz, and that load must not land in the measured window."""
+    with httpx.Client(base_url=url, timeout=120, trust_env=False) as c:
+        for i, (name, raw) in enumerate(payloads):
+            data = {"symptoms": "itchy for two weeks"} if i == 0 else None
+            c.post("/v1/analyze", files={"image": (name, raw)}, data=data)
+
+
 def load(url: str, payloads: list[tuple[str, bytes]], clients: int, total: int) -> dict:
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -153,6 +163,8 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{port}"
             info = httpx.get(f"{url}/v1/info", trust_env=False).json()
+            with console.status("warm-up (not timed) …"):
+                warm_up(url, payloads)
             with console.status(f"load: {args.clients} clients × {args.requests} requests …"):
                 result = load(url, payloads, args.clients, args.requests)
         finally:

@@ -366,14 +366,17 @@ def table(paths: list[Path]) -> str:
                 f"{r['settings']}: m {i['m']}, ef_c {i['ef_construct']}, ef {i['search_ef']}, "
                 f"{i['quantization'] or 'float32'}"
             )
-            f, u, na = r["filtered"], r["unfiltered"], r.get("filtered_without_acorn")
-            no_acorn = f"{na['p50_ms']} ms / {na['recall_at_10']}" if na else "–"
-            out.append(
-                f"| {r['vectors']} | {r['n']:,} | {st} | {r['upsert_s']} s + {r['index_s']} s "
-                f"| {r.get('after_build_rss_gib', '–')} / {r['peak_rss_gib']} GiB "
-                f"| {f['p50_ms']} / {f['p95_ms']} ms | {f['recall_at_10']} "
-                f"| {u['p50_ms']} / {u['p95_ms']} ms | {u['recall_at_10']} | {no_acorn} |"
-            )
+            measured = {r.get("queries_from", "synthetic"): r, **r.get("other_queries", {})}
+            for queries, m in measured.items():
+                f, u, na = m["filtered"], m["unfiltered"], m.get("filtered_without_acorn")
+                no_acorn = f"{na['p50_ms']} ms / {na['recall_at_10']}" if na else "–"
+                out.append(
+                    f"| {r['vectors']} ({queries} queries) | {r['n']:,} | {st} "
+                    f"| {r['upsert_s']} s + {r['index_s']} s "
+                    f"| {r.get('after_build_rss_gib', '–')} / {r['peak_rss_gib']} GiB "
+                    f"| {f['p50_ms']} / {f['p95_ms']} ms | {f['recall_at_10']} "
+                    f"| {u['p50_ms']} / {u['p95_ms']} ms | {u['recall_at_10']} | {no_acorn} |"
+                )
     return "\n".join(out)
 
 
