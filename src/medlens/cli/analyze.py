@@ -295,12 +295,12 @@ def _analyze_folder(
     out: Path | None,
 ) -> None:
     from medlens.distributed.outputs import SUMMARY, folder_row, summary
+    from medlens.io.ahead import ahead
 
     files = image_files(folder)
     out = out or Path(f"medlens-{folder.name}.jsonl")
     rows: list[dict[str, Any]] = []
     failures = 0
-    from medlens.io.ahead import ahead
 
     def decode(f: Path) -> Any:  # in the background thread: the next file's pixels
         try:

@@ -167,8 +167,8 @@ class IndexSettings:
 # default, chosen on validation-split queries (docs/retrieval.md, "A million cases"):
 # float32 vectors, m 16, ef_construct 128, ef 256. int8 scalar quantization (with the
 # best 2 × k re-scored in float32) built the graph 2.3× faster but lost recall on the
-# 200k validation run (filtered 0.992 vs 1.000, unfiltered 0.984 vs 0.995), and at 1M
-# fell under 0.95 unfiltered: an option for memory-bound libraries, not the default.
+# 200k validation run (filtered 0.992 vs 1.000, unfiltered 0.984 vs 0.995): an option
+# for memory-bound libraries, not the default (the 1M test-query run is in the docs).
 LEGACY_INDEX = IndexSettings()
 DEFAULT_INDEX = IndexSettings()
 INT8_INDEX = IndexSettings(quantization="int8")
