@@ -185,6 +185,28 @@ def test_index_settings_build_what_they_say_and_search_agrees(tmp_path: Path, in
         IndexSettings(quantization="int4")
 
 
+def test_filtered_searches_use_their_own_beam_width(tmp_path: Path) -> None:
+    """``filtered_ef`` sets the HNSW beam of filtered searches only; an explicit ``ef``
+    wins over both; a search with either width still finds the exact filtered top-k."""
+    s = IndexSettings(search_ef=200, filtered_ef=40)
+    assert (s.ef(filtered=False), s.ef(filtered=True), s.ef(True, override=7)) == (200, 40, 7)
+    assert IndexSettings(search_ef=90).ef(filtered=True) == 90  # unset: the search ef
+    with pytest.raises(ConfigError):
+        IndexSettings(filtered_ef=0)
+    pts = _points()
+    q = np.random.default_rng(5).standard_normal(16).astype(np.float32)
+    cond = [Condition("age", "gte", 50.0)]
+    for store in (
+        EdgeStore(tmp_path / "edge", index=s),
+        ServerStore(location=":memory:", index=s),
+    ):
+        store.create("t", {"image": 16, "text": 16})
+        store.upsert("t", pts)
+        exact = [h.id for h in store.search("t", q, "image", k=5, filters=cond, exact=True)]
+        assert [h.id for h in store.search("t", q, "image", k=5, filters=cond)] == exact
+        assert all(h.payload["age"] >= 50 for h in store.search("t", q, "image", filters=cond))
+
+
 # ----------------------------------------------------------------------------- library
 
 
