@@ -141,6 +141,24 @@ def test_health_ready_info(client: TestClient, lens: MedLens) -> None:
         "analyze": True, "search": False, "explain": True, "report": True
     }  # fmt: skip
     assert "/v1/analyze" in client.get("/openapi.json").json()["paths"]
+    # An app built inside another process leaves that process's torch threads alone.
+    assert info["limits"]["torch_threads"] is None
+
+
+def test_service_thread_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medlens.config import Settings, cores
+
+    monkeypatch.setenv("MEDLENS_API_WORKERS", "1")
+    monkeypatch.delenv("MEDLENS_API_TORCH_THREADS", raising=False)
+    assert Settings().service_torch_threads == cores()
+    monkeypatch.setenv("MEDLENS_API_TORCH_THREADS", "3")
+    assert Settings().service_torch_threads == 3
+    monkeypatch.setenv("MEDLENS_API_TORCH_THREADS", "-1")
+    with pytest.raises(ConfigError, match="MEDLENS_API_TORCH_THREADS"):
+        Settings().service_torch_threads  # noqa: B018
+    monkeypatch.setenv("MEDLENS_API_TORCH_THREADS", "two")
+    with pytest.raises(ConfigError, match="not an integer"):
+        Settings()
 
 
 def test_an_abstention_is_a_422_problem_and_is_audited(
@@ -717,7 +735,14 @@ def test_demo_starts_and_stops_cleanly(tmp_path: Path) -> None:
         assert "MedLens is running" in out and f"UI:       {ui_url}" in out, out
         children = _children(proc.pid)
         assert len(children) >= 2, children
-        assert httpx.get(f"{api_url}/v1/info", trust_env=False).status_code == 200
+        info = httpx.get(f"{api_url}/v1/info", trust_env=False)
+        assert info.status_code == 200
+        # The server process splits the cores between its model workers.
+        from medlens.config import cores
+
+        limits = info.json()["limits"]
+        assert limits["workers"] == min(2, cores()), limits
+        assert limits["torch_threads"] == max(1, cores() // limits["workers"]), limits
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         assert all(_gone(pid) for pid in children), children

@@ -86,6 +86,9 @@ class Service:
     ready: bool = False
     ready_error: str | None = None
     load_s: float | None = None
+    # Set by the server process (it owns the runtime); None leaves torch's own choice, as
+    # an app built inside another process (tests, notebooks) must not change it.
+    torch_threads: int | None = None
     capabilities: dict[str, bool] = field(
         default_factory=lambda: {
             "analyze": True,
@@ -99,6 +102,11 @@ class Service:
         """Load the model, warm every domain's prompt cache, connect the case library."""
         t0 = time.perf_counter()
         try:
+            if self.torch_threads:
+                import torch
+
+                # Before the first forward: each pool thread takes the count on first use.
+                torch.set_num_threads(self.torch_threads)
             enc = self.lens.encoder
             self.lens.warm()
             if not self.cases_given:
@@ -538,6 +546,7 @@ def build_router(domain_ids: Sequence[str] | None = None) -> APIRouter:
                 "max_text_chars": s.max_text_chars,
                 "timeout_s": s.api_timeout_s,
                 "workers": svc.pool.workers,
+                "torch_threads": svc.torch_threads,
                 "queue": svc.pool.queue,
             },
             "disclaimer": "Research software for decision support only; not a diagnosis.",
@@ -752,6 +761,7 @@ def create_app(
     case_search: CaseSearch | None = None,
     extra_routers: Sequence[tuple[APIRouter, str]] = (),
     load_in_background: bool = True,
+    torch_threads: int | None = None,
 ) -> FastAPI:
     """Build the service.
 
@@ -759,7 +769,9 @@ def create_app(
     on whenever it listens beyond loopback). ``case_search`` overrides the
     ``load_case_search`` hook. ``extra_routers`` is the hook for later features
     (heatmaps, reports): each (router, capability name) is mounted and announced in
-    ``/v1/info`` capabilities, which the UI reads to show its panels.
+    ``/v1/info`` capabilities, which the UI reads to show its panels. ``torch_threads``
+    sets torch's threads per forward when the model loads (the server process passes
+    ``settings.service_torch_threads``; None leaves the host process's setting alone).
     """
     from medlens.pipeline import MedLens
 
@@ -774,6 +786,7 @@ def create_app(
         require_key=s.api_require_key if require_key is None else require_key,
         cases=case_search,
         cases_given=case_search is not None,
+        torch_threads=torch_threads,
     )
 
     @asynccontextmanager

@@ -89,7 +89,12 @@ def serve(
     from medlens.api.app import create_app
     from medlens.pipeline import MedLens
 
-    app = create_app(s, lens=MedLens(model=model, settings=s), require_key=require)
+    app = create_app(
+        s,
+        lens=MedLens(model=model, settings=s),
+        require_key=require,
+        torch_threads=s.service_torch_threads,
+    )
     uvicorn.run(
         app,
         host=host,
