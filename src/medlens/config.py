@@ -107,9 +107,9 @@ class Settings:
     # Model work runs in a bounded pool: `api_workers` threads + `api_queue` waiting jobs;
     # beyond that the API answers 503 + Retry-After instead of queueing without bound.
     # Two workers, the cores split between them (`api_torch_threads`, 0 = cores ÷
-    # workers): on 2 cores, 2 workers × 1 torch thread served 19.2 req/s where 1 × 2
-    # served 12.7-14.6 (one small forward does not keep two threads busy, and a second
-    # job decodes and audits while the first runs); docs/service.md.
+    # workers): on 2 cores with 8 clients, 2 workers × 1 torch thread served 15.5-16.2
+    # req/s where 1 × 2 served 14.4 (benchmarks/api_load.py; one small forward does not
+    # keep two threads busy, and a second job decodes and audits while the first runs).
     api_workers: int = field(
         default_factory=lambda: _env_int("MEDLENS_API_WORKERS", min(2, cores()))
     )

@@ -160,9 +160,8 @@ class IndexSettings:
     def __post_init__(self) -> None:
         if self.quantization not in (None, "int8"):
             raise ConfigError(f"quantization must be None or 'int8', not {self.quantization!r}")
-        if min(self.m, self.ef_construct, self.search_ef) < 1 or self.oversampling < 1:
-            raise ConfigError(f"invalid index settings: {self}")
-        if self.filtered_ef is not None and self.filtered_ef < 1:
+        beams = (self.search_ef, self.search_ef if self.filtered_ef is None else self.filtered_ef)
+        if min(self.m, self.ef_construct, *beams) < 1 or self.oversampling < 1:
             raise ConfigError(f"invalid index settings: {self}")
 
     def ef(self, filtered: bool, override: int | None = None) -> int:
@@ -176,12 +175,12 @@ class IndexSettings:
 # The settings of MedLens <= 2026-12-06 (the 1M benchmark's "old" rows) and today's
 # default, chosen on validation-split queries (docs/retrieval.md, "A million cases"):
 # float32 vectors, m 16, ef_construct 128, ef 256, and a beam of 96 for filtered
-# searches (ACORN's two-hop walk keeps their recall with a narrower beam: at 1M, the
-# candidate 48 / 64 / 96 with the highest validation recall at p50 <= 3 ms, 0.983 at
-# 2.2 ms, against 0.99-1.00 at 2.9-5.7 ms across runs with 256). int8 scalar quantization (the best
-# 2 x k re-scored in float32) built the graph 2.3x faster but lost recall on the 200k
-# validation run (filtered 0.992 vs 1.000, unfiltered 0.984 vs 0.995): an option for
-# memory-bound libraries, not the default.
+# searches. ACORN's two-hop walk keeps filtered recall with a narrower beam: at 1M, of
+# the candidates 48 / 64 / 96, the highest validation recall at p50 <= 3 ms (0.983 at
+# 2.2 ms; ef 256 gave 0.99-1.00 at 2.9-5.7 ms across runs). int8 scalar quantization
+# (the best 2 x k re-scored in float32) built the graph 2.3x faster but lost recall on
+# the 200k validation run (filtered 0.992 vs 1.000, unfiltered 0.984 vs 0.995): an
+# option for memory-bound libraries, not the default.
 LEGACY_INDEX = IndexSettings()
 DEFAULT_INDEX = IndexSettings(filtered_ef=96)
 INT8_INDEX = replace(DEFAULT_INDEX, quantization="int8")
