@@ -123,3 +123,10 @@ def test_cold_start_benchmark_smoke(tmp_path: Path, data_dir: Path) -> None:
         check=True,
     ).stdout
     assert "service start → /readyz" in md and md.count("\n|") >= 8
+
+
+@pytest.mark.slow
+def test_allocator_benchmark_smoke(tmp_path: Path) -> None:
+    r = _run(["benchmarks/allocator.py", "--smoke"], tmp_path)
+    assert [row["batch_size"] for row in r["rows"]] == [1, 2] and r["smoke"] is True
+    assert set(r["process"]) == {"on", "off"}

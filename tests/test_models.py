@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -850,3 +853,63 @@ def test_own_mobilenet_v2_and_resize_match_torchvision_bit_for_bit(
                 size = M.shorter_side_size(t.shape[1], t.shape[2], s)
                 got = M.center_crop(M.resize_uint8(t, size), s)
                 assert torch.equal(got, want), (f.name, s, capability)
+
+
+_MMAPPED_BLOCKS = """
+import ctypes, sys
+from medlens.config import get_settings
+from medlens.models._util import tune_allocator
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+applied = tune_allocator(get_settings().malloc_tuning)
+before = libc.mallinfo2().hblks
+block = libc.malloc(4 << 20)  # one batch-sized activation map
+print(applied, libc.mallinfo2().hblks - before)
+libc.free(block)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tuning is Linux-only")
+@pytest.mark.parametrize(
+    ("setting", "applied", "mmapped"), [("1", "True", "0"), ("0", "False", "1")]
+)
+def test_inference_reuses_freed_heap_memory_unless_switched_off(
+    setting: str, applied: str, mmapped: str
+) -> None:
+    """A 4 MiB block (an activation map) comes from glibc's heap once the allocator is
+    tuned, not from a fresh mmap whose pages the kernel faults in and zeroes per batch;
+    MEDLENS_MALLOC_TUNING=0 leaves glibc's defaults."""
+    out = subprocess.run(
+        [sys.executable, "-c", _MMAPPED_BLOCKS],
+        env={**os.environ, "MEDLENS_MALLOC_TUNING": setting},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.split() == [applied, mmapped]
+
+
+def test_settings_follow_the_environment_without_reparsing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from medlens.config import get_settings
+
+    monkeypatch.setenv("MEDLENS_MAX_TEXT_CHARS", "123")
+    first = get_settings()
+    assert first.max_text_chars == 123
+    assert get_settings() is first  # same environment: parsed once
+    monkeypatch.setenv("MEDLENS_MAX_TEXT_CHARS", "77")
+    assert get_settings().max_text_chars == 77
+    monkeypatch.setenv("MEDLENS_HOME", str(tmp_path))
+    assert get_settings().home == tmp_path
+    monkeypatch.setenv("MEDLENS_MALLOC_TUNING", "perhaps")
+    with pytest.raises(ConfigError, match="MEDLENS_MALLOC_TUNING"):
+        get_settings()

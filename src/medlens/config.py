@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 
@@ -114,6 +115,8 @@ class Settings:
         default_factory=lambda: _env_int("MEDLENS_API_WORKERS", min(2, cores()))
     )
     api_torch_threads: int = field(default_factory=lambda: _env_int("MEDLENS_API_TORCH_THREADS", 0))
+    # glibc malloc keeps freed batch memory for reuse (models._util.ALLOCATOR_SETTINGS).
+    malloc_tuning: bool = field(default_factory=lambda: _env_bool("MEDLENS_MALLOC_TUNING", True))
     api_queue: int = field(default_factory=lambda: _env_int("MEDLENS_API_QUEUE", 16))
     api_timeout_s: int = field(default_factory=lambda: _env_int("MEDLENS_API_TIMEOUT_S", 60))
     api_max_upload_bytes: int = field(
@@ -306,5 +309,16 @@ def write_private(path: Path, data: bytes, *, exclusive: bool = False) -> Path:
 
 
 def get_settings() -> Settings:
-    """Read settings afresh (cheap); tests change the environment between calls."""
+    """The settings for the current environment. Tests change it between calls, so they
+    are rebuilt whenever a MEDLENS_* variable (or HOME) changed; parsing them all costs
+    ≈0.4 ms, a quarter of decoding a 224 px JPEG, and ``load_image`` asks every time."""
+    key = tuple(
+        sorted((k, v) for k, v in os.environ.items() if k.startswith("MEDLENS_") or k == "HOME")
+    )
+    return _settings_for(key)
+
+
+@lru_cache(maxsize=16)
+def _settings_for(env: tuple[tuple[str, str], ...]) -> Settings:
+    """One immutable Settings per environment snapshot (``env`` is the cache key only)."""
     return Settings()

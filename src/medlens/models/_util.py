@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -16,6 +18,21 @@ import numpy as np
 from medlens.errors import InputError, ModelUnavailable
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# glibc mallopt(3) parameters (malloc.h) and the values inference runs with. By default
+# glibc serves every block over 128 KiB (one 224 px image, any activation map) with a
+# fresh mmap and unmaps it on free, so each batch faults its pages in again and the
+# kernel zeroes them: on the 2-core box that was half of `throughput.py`'s wall time in
+# system CPU. With mmap off, freed blocks stay in the heap for the next batch
+# (benchmarks/allocator.py: 1.2-2.6x the forward speed, peak RSS +11 %).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+ALLOCATOR_SETTINGS: dict[int, int] = {
+    _M_MMAP_MAX: 0,  # every block from the heap (mallopt caps the mmap threshold at 32 MiB,
+    # below one batch-32 activation map)
+    _M_TRIM_THRESHOLD: 512 << 20,  # keep up to 512 MiB freed at the heap's top for reuse
+    _M_TOP_PAD: 64 << 20,  # grow the heap in 64 MiB steps
+}
 
 
 def check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -159,3 +176,21 @@ def finish_embeddings(parts: list[np.ndarray], dim: int) -> np.ndarray:
     if not parts:
         return np.zeros((0, dim), np.float32)
     return l2_normalize(np.concatenate(parts))
+
+
+@lru_cache(maxsize=2)
+def tune_allocator(enabled: bool = True) -> bool:
+    """Apply ``ALLOCATOR_SETTINGS`` to this process's glibc malloc, once; whether they
+    took. A no-op (False) when disabled (``MEDLENS_MALLOC_TUNING=0``) or off glibc (macOS,
+    musl): the cost is speed, never correctness. Peak memory grows by what the largest
+    batch frees, which the next batch reuses."""
+    if not enabled or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    ok = all(mallopt(param, value) == 1 for param, value in ALLOCATOR_SETTINGS.items())
+    log.debug("malloc tuning %s", "applied" if ok else "not accepted by this libc")
+    return ok

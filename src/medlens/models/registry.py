@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from medlens.errors import ConfigError
-from medlens.models._util import looks_like_path
+from medlens.models._util import looks_like_path, tune_allocator
 from medlens.models.base import Encoder
 
 if TYPE_CHECKING:
@@ -145,7 +145,15 @@ def load_encoder(name: str = "lite", *, device: str = "cpu") -> Encoder:
             f"model {name!r} is a supervised classifier (fixed outputs, no text tower), not "
             "an image–text encoder: load it with load_classifier"
         )
+    _tune_allocator()
     return _load_cached(spec, name.strip(), _check_device(device))
+
+
+def _tune_allocator() -> None:
+    """Inference is about to run in this process: let batches reuse freed memory."""
+    from medlens.config import Settings
+
+    tune_allocator(Settings().malloc_tuning)
 
 
 def is_classifier_spec(name: str) -> bool:
