@@ -51,7 +51,9 @@ t4 = time.time()
 print(json.dumps({
     "wall_s": t4 - t0, "interpreter_s": t1 - t0, "import_s": t2 - t1,
     "construct_s": t3 - t2, "first_analyze_s": t4 - t3,
-    "transformers_imported": "transformers" in sys.modules, "top": a.findings[0].id,
+    "transformers_imported": "transformers" in sys.modules,
+    "torch_imported": "torch" in sys.modules, "engine": type(lens.encoder).__name__,
+    "top": a.findings[0].id,
 }))
 """
 
@@ -133,6 +135,8 @@ def measure(src: Path, runs: int) -> dict[str, Any]:
         "first_result_runs_s": [round(c["wall_s"], 2) for c in cold],
         "phases_s": {k: v for k, v in med.items() if k != "wall_s"},
         "transformers_imported": cold[-1]["transformers_imported"],
+        "torch_imported": cold[-1].get("torch_imported"),
+        "engine": cold[-1].get("engine"),
         "readyz_s": round(statistics.median(ready), 2),
         "readyz_runs_s": [round(r, 2) for r in ready],
         "importtime_top": imports,
@@ -149,11 +153,13 @@ def table(before: dict[str, Any], after: dict[str, Any]) -> str:
         ("… MedLens() (s)", ("phases_s", "construct_s")),
         ("… first analyze (s)", ("phases_s", "first_analyze_s")),
         ("transformers imported", "transformers_imported"),
+        ("torch imported", "torch_imported"),
+        ("image tower engine", "engine"),
         ("service start → /readyz, warm home (s)", "readyz_s"),
     ]
 
-    def get(d: dict, key: Any) -> Any:
-        return d[key[0]][key[1]] if isinstance(key, tuple) else d[key]
+    def get(d: dict, key: Any) -> Any:  # older results lack the newer keys
+        return d[key[0]][key[1]] if isinstance(key, tuple) else d.get(key, "–")
 
     out = [
         f"| measure | before (`{before['commit']}`) | after (`{after['commit']}`) |",

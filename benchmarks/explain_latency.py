@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             a = lens.analyze(decoded)
             pack = load_domain(a.domain)
             saliency.gradcam(
-                lens.encoder,
+                lens.torch_encoder,
                 decoded.pixels,
                 pack,
                 a.findings[0].id,

@@ -635,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     lens = MedLens(model=args.model, retrieval=False)
-    enc, card = lens.encoder, lens.card
+    enc, card = lens.torch_encoder, lens.card
     sizes = {k: size(k, v) for k, v in DEFAULT_N.items()}
     if args.faith_limit > 0:
         sizes["faithfulness"] = min(DEFAULT_N["faithfulness"], args.faith_limit)

@@ -165,7 +165,7 @@ def test_lite_fingerprint_tracks_every_head_weight(lite: LiteEncoder) -> None:
         with torch.no_grad():
             param.copy_(saved)
         assert enc.fingerprint == base
-    # The key is cached (models.base.StateKey): structural changes must still reach it.
+    # The key is cached (models._state.StateKey): structural changes must still reach it.
     old = enc.text_head.mlp[-1].bias
     enc.text_head.mlp[-1].bias = torch.nn.Parameter(old.detach() + 1e-3)  # new parameter
     assert enc.fingerprint != base

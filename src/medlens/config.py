@@ -117,6 +117,8 @@ class Settings:
     api_torch_threads: int = field(default_factory=lambda: _env_int("MEDLENS_API_TORCH_THREADS", 0))
     # glibc malloc keeps freed batch memory for reuse (models._util.ALLOCATOR_SETTINGS).
     malloc_tuning: bool = field(default_factory=lambda: _env_bool("MEDLENS_MALLOC_TUNING", True))
+    # Single-image analysis runs the lite image tower in ONNX Runtime (models.onnx_lite).
+    onnx_engine: bool = field(default_factory=lambda: _env_bool("MEDLENS_ONNX", True))
     api_queue: int = field(default_factory=lambda: _env_int("MEDLENS_API_QUEUE", 16))
     api_timeout_s: int = field(default_factory=lambda: _env_int("MEDLENS_API_TIMEOUT_S", 60))
     api_max_upload_bytes: int = field(

@@ -95,10 +95,21 @@ class MedLens:
     @property
     def encoder(self):
         if self._encoder is None:
-            from medlens.models import load_encoder
+            from medlens.models.registry import load_analysis_encoder
 
-            self._encoder = load_encoder(self.model_name, device=self.device)
+            self._encoder = load_analysis_encoder(
+                self.model_name,
+                device=self.device,
+                cache_dir=self.settings.cache_dir,
+                onnx=self.settings.onnx_engine,
+            )
         return self._encoder
+
+    @property
+    def torch_encoder(self):
+        """The encoder as a torch module (explanations need gradients): the analysis
+        encoder itself, or the torch model behind its ONNX engine, loaded on first use."""
+        return getattr(self.encoder, "torch_encoder", self.encoder)
 
     @property
     def classifiers(self) -> dict[str, Any]:
@@ -315,7 +326,11 @@ class MedLens:
         features → heads)."""
         enc = self.encoder
         ref = self.card.ood
-        if ref is not None and ref.uses_features and is_feature_encoder(enc):
+        wants_features = ref is not None and ref.uses_features
+        if hasattr(type(enc), "embed_images_and_features"):  # the ONNX engine: one call
+            embs, feats = enc.embed_images_and_features(views, batch_size=len(views))
+            return embs, (feats[:1] if wants_features else None)
+        if wants_features and is_feature_encoder(enc):
             import torch
 
             feats = enc.image_features(views, batch_size=len(views))

@@ -103,10 +103,10 @@ class Service:
         t0 = time.perf_counter()
         try:
             if self.torch_threads:
-                import torch
+                from medlens.models.registry import set_inference_threads
 
                 # Before the first forward: each pool thread takes the count on first use.
-                torch.set_num_threads(self.torch_threads)
+                set_inference_threads(self.torch_threads)
             enc = self.lens.encoder
             self.lens.warm()
             if not self.cases_given:

@@ -163,7 +163,7 @@ def attach_maps(lens: Any, analysis: Any, image: Any, top: int = 3) -> list[dict
         saliency.Target(f.id, f.name, cls[pack.finding_ids.index(f.id)], ref)
         for f in analysis.findings[:top]
     ]
-    maps = saliency.text_saliencies(enc, decoded.pixels, targets)
+    maps = saliency.text_saliencies(lens.torch_encoder, decoded.pixels, targets)
     return [m.summary() for m in maps]
 
 
@@ -209,7 +209,7 @@ def cached_saliency(
             _CACHE.move_to_end(key)
             return hit
     sal = saliency.explain(
-        enc,
+        lens.torch_encoder,
         decoded.pixels,
         pack,
         finding=finding,

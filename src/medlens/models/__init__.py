@@ -3,11 +3,13 @@
 ``load_encoder("lite")`` is the packaged offline model; ``open_clip:...`` and ``hf:...``
 bring OpenCLIP and transformers checkpoints (see ``registry`` for the accepted forms);
 ``load_classifier("txv:<file>")`` a supervised chest X-ray classifier (``models.txv``).
-Heavy libraries (torchvision, transformers, open_clip) are imported only when a family
-is loaded.
+Heavy libraries (torch, transformers, open_clip) are imported only when a family is
+loaded.
 """
 
-from medlens.models.base import Encoder, l2_normalize, state_fingerprint
+from typing import Any
+
+from medlens.models.base import Encoder, l2_normalize
 from medlens.models.registry import (
     ACCEPTED_FORMS,
     ModelSpec,
@@ -30,3 +32,12 @@ __all__ = [
     "parse_model_spec",
     "state_fingerprint",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``state_fingerprint`` needs torch: imported on first use, not with the package."""
+    if name == "state_fingerprint":
+        from medlens.models._state import state_fingerprint
+
+        return state_fingerprint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,7 +22,7 @@ from PIL import Image
 
 from medlens.errors import ConfigError, ModelUnavailable
 from medlens.models import _util
-from medlens.models.base import state_fingerprint
+from medlens.models._state import state_fingerprint
 
 
 def _exp_scale(model: Any) -> float:

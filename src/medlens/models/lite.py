@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medlens.errors import ConfigError, ModelUnavailable
+from medlens.models._state import StateKey, state_fingerprint
 from medlens.models._util import (
     batched,
     check_images,
@@ -38,7 +39,6 @@ from medlens.models._util import (
     file_sha256,
     quiet_transformers,
 )
-from medlens.models.base import StateKey, state_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -637,6 +637,10 @@ class LiteEncoder(nn.Module):
         return self.normalise(self.resize_crop(images))
 
     # -- internals ------------------------------------------------------------------------
+    def backbone_files(self) -> list[Path]:
+        """The pretrained weight files the image tower is built from."""
+        return BACKBONES[self.backbone].weight_files()
+
     def image_tower(self) -> nn.Module:
         """The shared frozen image backbone (``[0]``: its feature blocks)."""
         return _image_tower(self.backbone, self.device_name)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from medlens.errors import ConfigError, ModelUnavailable
 from medlens.models import _util
-from medlens.models.base import state_fingerprint
+from medlens.models._state import state_fingerprint
 
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"

@@ -27,8 +27,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from medlens.errors import ConfigError
 from medlens.models._util import looks_like_path, tune_allocator
 from medlens.models.base import Encoder
@@ -120,6 +118,8 @@ def parse_model_spec(name: str) -> ModelSpec:
 
 
 def _check_device(device: str) -> str:
+    import torch
+
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -156,6 +156,43 @@ def _tune_allocator() -> None:
     tune_allocator(Settings().malloc_tuning)
 
 
+_THREADS: list[int | None] = [None]
+
+
+def set_inference_threads(n: int) -> None:
+    """Threads per forward for this process (the server's share of cores per worker):
+    ONNX Runtime sessions opened from now on, and torch now if it is loaded, else when it
+    is (an analysis on the ONNX engine may never need it)."""
+    import sys
+
+    from medlens.models import onnx_lite
+
+    _THREADS[0] = onnx_lite.THREADS[0] = n
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
+def load_torch_encoder(name: str = "lite", *, device: str = "cpu") -> Encoder:
+    """``load_encoder``'s torch model (what ``models.onnx_lite`` delegates to)."""
+    return load_encoder(name, device=device)
+
+
+def load_analysis_encoder(name: str, *, device: str, cache_dir: Path, onnx: bool) -> Encoder:
+    """The encoder single-image analysis runs on: for a lite model on the CPU, its ONNX
+    Runtime engine (``models.onnx_lite``: no ``import torch``, a faster forward), exported
+    from the torch model the first time and whenever its files or code changed; anything
+    else, or ``onnx=False``, or an engine that cannot be had, the torch encoder."""
+    spec = parse_model_spec(name)
+    if not onnx or spec.scheme != "lite" or device != "cpu":
+        return load_encoder(name, device=device)
+    from medlens.models import onnx_lite
+
+    if (engine := onnx_lite.open_engine(name.strip(), device, cache_dir)) is not None:
+        return engine
+    enc = load_encoder(name, device=device)
+    return onnx_lite.export(enc, name.strip(), cache_dir) or enc
+
+
 def is_classifier_spec(name: str) -> bool:
     """Whether a model spec names a supervised classifier (``load_classifier``)."""
     return parse_model_spec(name).scheme in CLASSIFIER_SCHEMES
@@ -184,6 +221,10 @@ def _load_classifier_cached(target: str, name: str, device: str) -> TxvClassifie
 
 @lru_cache(maxsize=8)
 def _load_cached(spec: ModelSpec, name: str, device: str) -> Encoder:
+    if _THREADS[0]:
+        import torch
+
+        torch.set_num_threads(_THREADS[0])  # before the first forward (set_inference_threads)
     return _load(spec, name, device)
 
 

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from medlens.errors import ModelUnavailable
+from medlens.models._state import state_fingerprint
 from medlens.models._util import batched, check_images, file_sha256
-from medlens.models.base import state_fingerprint
 from medlens.models.card import Calibration
 
 DOMAIN = "chest_xray"
