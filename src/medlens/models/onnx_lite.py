@@ -81,6 +81,10 @@ def shorter_side_size(h: int, w: int, size: int) -> tuple[int, int]:
     return (new_long, new_short) if w <= h else (new_short, new_long)
 
 
+_LEVELS = np.arange(256, dtype=np.float32)
+_LEVELS_POW6 = np.arange(256, dtype=np.float64) ** 6
+
+
 def preprocess(
     images: Sequence[np.ndarray],
     size: int,
@@ -90,8 +94,11 @@ def preprocess(
 ) -> np.ndarray:
     """uint8 (H, W, 3) images → float32 (N, 3, size, size): the lite encoder's
     preprocessing in numpy. Resizing is PIL's antialiased bilinear, which torchvision's
-    uint8 kernel reproduces to within one grey level; the rest is the same arithmetic
-    (``lite.shades_of_gray``, ImageNet normalisation; ``mean``/``std`` in 0-255 units)."""
+    uint8 kernel reproduces to within one grey level; the rest is ``lite.shades_of_gray``
+    and ImageNet normalisation (``mean``/``std`` in 0-255 units). Because the crop is
+    uint8, both are per-channel functions of 256 levels: the illuminant comes from each
+    channel's histogram and the output from one 256-entry table per channel, the same
+    float32 operations as the torch path applied to each level once, not to each pixel."""
     from PIL import Image
 
     out = np.empty((len(images), 3, size, size), np.float32)
@@ -101,12 +108,17 @@ def preprocess(
         if (nh, nw) != (h, w):
             img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.Resampling.BILINEAR))
         top, left = round((nh - size) / 2.0), round((nw - size) / 2.0)
-        x = img[top : top + size, left : left + size].astype(np.float32).transpose(2, 0, 1)
+        crop = img[top : top + size, left : left + size]
+        channels = [np.ascontiguousarray(crop[..., c]) for c in range(3)]
+        gain = np.ones(3, np.float32)
         if colour_constancy:
-            illum = np.power(np.mean(np.power(x, 6), axis=(1, 2)), 1.0 / 6)
-            gain = illum.mean() / np.maximum(illum, 1e-6)
-            x = np.clip(x * gain[:, None, None].astype(np.float32), 0, 255)
-        out[i] = (x - mean[:, None, None]) / std[:, None, None]
+            counts = np.stack([np.bincount(ch.ravel(), minlength=256) for ch in channels])
+            illum = (counts @ _LEVELS_POW6 / (size * size)) ** (1.0 / 6)
+            gain = (illum.mean() / np.maximum(illum, 1e-6)).astype(np.float32)
+        table = np.clip(_LEVELS[None, :] * gain[:, None], 0, 255)
+        table = (table - mean[:, None]) / std[:, None]
+        for c, ch in enumerate(channels):
+            np.take(table[c], ch, out=out[i, c])
     return out
 
 
