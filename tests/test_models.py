@@ -827,6 +827,7 @@ def test_own_mobilenet_v2_and_resize_match_torchvision_bit_for_bit(
     from torchvision.transforms.v2 import functional as TF
 
     from medlens.models import mobilenet as M
+    from medlens.models._util import shorter_side_size
     from medlens.models.lite import _mobilenet_v2_file
 
     state = torch.load(_mobilenet_v2_file(), map_location="cpu", weights_only=True)
@@ -850,7 +851,7 @@ def test_own_mobilenet_v2_and_resize_match_torchvision_bit_for_bit(
             t = torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1)
             for s in (224, 257):
                 want = TF.center_crop(TF.resize(t, [s], antialias=True), [s, s])
-                size = M.shorter_side_size(t.shape[1], t.shape[2], s)
+                size = shorter_side_size(t.shape[1], t.shape[2], s)
                 got = M.center_crop(M.resize_uint8(t, size), s)
                 assert torch.equal(got, want), (f.name, s, capability)
 

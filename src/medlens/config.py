@@ -312,8 +312,8 @@ def write_private(path: Path, data: bytes, *, exclusive: bool = False) -> Path:
 
 def get_settings() -> Settings:
     """The settings for the current environment. Tests change it between calls, so they
-    are rebuilt whenever a MEDLENS_* variable (or HOME) changed; parsing them all costs
-    ≈0.4 ms, a quarter of decoding a 224 px JPEG, and ``load_image`` asks every time."""
+    are rebuilt whenever a MEDLENS_* variable (or HOME) changed; ``load_image`` asks on
+    every decode, and parsing some forty variables each time showed in its profile."""
     key = tuple(
         sorted((k, v) for k, v in os.environ.items() if k.startswith("MEDLENS_") or k == "HOME")
     )

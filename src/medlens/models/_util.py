@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 # glibc mallopt(3) parameters (malloc.h) and the values inference runs with. By default
 # glibc serves every block over 128 KiB (one 224 px image, any activation map) with a
 # fresh mmap and unmaps it on free, so each batch faults its pages in again and the
-# kernel zeroes them: on the 2-core box that was half of `throughput.py`'s wall time in
-# system CPU. With mmap off, freed blocks stay in the heap for the next batch
-# (benchmarks/allocator.py: 1.2-2.6x the forward speed, peak RSS +11 %).
+# kernel zeroes them. With mmap off, freed blocks stay in the heap for the next batch
+# (benchmarks/allocator.py on the 2-core box: system CPU per process 33.2 -> 1.1 s, the
+# forward 1.2-2.6x faster, peak RSS +11 %).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 ALLOCATOR_SETTINGS: dict[int, int] = {
     _M_MMAP_MAX: 0,  # every block from the heap (mallopt caps the mmap threshold at 32 MiB,
@@ -33,6 +33,27 @@ ALLOCATOR_SETTINGS: dict[int, int] = {
     _M_TRIM_THRESHOLD: 512 << 20,  # keep up to 512 MiB freed at the heap's top for reuse
     _M_TOP_PAD: 64 << 20,  # grow the heap in 64 MiB steps
 }
+
+
+# -- resize and crop geometry (torchvision.transforms.v2's rules; no torch, so the ONNX
+# engine's numpy preprocessing and models.mobilenet's torch one share them) -------------
+def shorter_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """(new_h, new_w) with the shorter side ``size`` and the longer one truncated, as
+    torchvision's ``resize(img, [size])``."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return new_h, new_w
+
+
+def center_crop_offsets(h: int, w: int, size: int) -> tuple[int, int]:
+    """(top, left) of the centred ``size`` x ``size`` crop (torchvision's rounding)."""
+    return round((h - size) / 2.0), round((w - size) / 2.0)
+
+
+# Threads per forward for this process when the server sets them (``registry.
+# set_inference_threads``); None leaves torch's and ONNX Runtime's own choice.
+INFERENCE_THREADS: list[int | None] = [None]
 
 
 def check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:

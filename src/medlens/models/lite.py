@@ -608,7 +608,8 @@ class LiteEncoder(nn.Module):
     def resize_crop(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 (N, 3, S, S): shorter side → image_size (bilinear, antialiased), centre
         crop; torchvision's v2 resize and crop, reproduced by ``models.mobilenet``."""
-        from medlens.models.mobilenet import center_crop, resize_uint8, shorter_side_size
+        from medlens.models._util import shorter_side_size
+        from medlens.models.mobilenet import center_crop, resize_uint8
 
         if BACKBONES[self.backbone].interpolation != "bilinear":  # pragma: no cover - data
             raise ConfigError(f"{self.backbone}: only bilinear resizing is implemented")

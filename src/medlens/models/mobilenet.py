@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medlens.models._util import center_crop_offsets
+
 # (expansion t, channels c, repeats n, first stride s): torchvision's width 1.0 setting.
 INVERTED_RESIDUAL_SETTING = (
     (1, 16, 1, 1),
@@ -85,13 +87,7 @@ def features_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # -- the uint8 resize and centre crop of torchvision.transforms.v2 -----------------------
-def shorter_side_size(h: int, w: int, size: int) -> tuple[int, int]:
-    """(new_h, new_w) with the shorter side ``size`` and the longer one truncated, as
-    torchvision's ``resize(img, [size])``."""
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    return new_h, new_w
+# (the geometry, shorter_side_size and center_crop_offsets, is in models._util)
 
 
 def _native_uint8() -> bool:
@@ -125,6 +121,5 @@ def resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     """The centred ``size`` x ``size`` crop (torchvision's rounding of the offsets); the
     image is at least ``size`` on each side."""
-    h, w = image.shape[-2:]
-    top, left = round((h - size) / 2.0), round((w - size) / 2.0)
+    top, left = center_crop_offsets(*image.shape[-2:], size)
     return image[..., top : top + size, left : left + size]

@@ -1,11 +1,12 @@
 """ONNX Runtime engine for the lite image tower: the same network (frozen prefix, tuned
 tail, image head) exported once per model into MEDLENS_HOME and run without torch.
 
-Why: ``import torch`` alone takes ≈3 s on the 2-core box, more than the goal for a fresh
-process's first result (issue 17), and ONNX Runtime imports in ≈0.2 s and runs this
-MobileNetV2 faster on a CPU. Only single-image analysis (``MedLens``: CLI, API, UI) uses
-it; text embeddings, batch embedding, training and explanations stay on torch, which the
-engine loads on first use of anything it does not serve itself (``__getattr__``).
+Why: torch's import dominated a fresh process's first result (issue 17: ``import
+medlens`` 2.18 s with torch, 0.47 s without, benchmarks/cold_start.py), and ONNX Runtime
+runs this MobileNetV2 faster on a CPU (benchmarks/analyze_latency.py). Only single-image
+analysis (``MedLens``: CLI, API, UI) uses it; text embeddings, batch embedding, training
+and explanations stay on torch, which the engine loads on first use of anything it does
+not serve itself (``__getattr__``).
 
 An export is accepted only when ONNX Runtime reproduces the torch forward on the same
 input (``TOLERANCE``), and it is stored with a stamp of the files it came from (heads and
@@ -31,15 +32,21 @@ from typing import Any
 
 import numpy as np
 
+from medlens.config import write_private
 from medlens.errors import ModelUnavailable
-from medlens.models._util import batched, check_images
+from medlens.models._util import (
+    INFERENCE_THREADS,
+    batched,
+    center_crop_offsets,
+    check_images,
+    shorter_side_size,
+)
 
 log = logging.getLogger(__name__)
 
 ENGINE_VERSION = 1  # bump when the exported graph or the preprocessing below changes
 TOLERANCE = 1e-4  # max |ORT - torch| over features and embeddings at export
 OPSET = 17
-THREADS: list[int | None] = [None]  # intra-op threads per session (None: ORT's default)
 _LOCK = threading.Lock()
 
 
@@ -74,13 +81,6 @@ def _sources_current(stamp: dict[str, Any]) -> bool:
         return False
 
 
-def shorter_side_size(h: int, w: int, size: int) -> tuple[int, int]:
-    """(new_h, new_w) with the shorter side ``size`` (``models.mobilenet``'s rule)."""
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
-    return (new_long, new_short) if w <= h else (new_short, new_long)
-
-
 _LEVELS = np.arange(256, dtype=np.float32)
 _LEVELS_POW6 = np.arange(256, dtype=np.float64) ** 6
 
@@ -107,7 +107,7 @@ def preprocess(
         nh, nw = shorter_side_size(h, w, size)
         if (nh, nw) != (h, w):
             img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.Resampling.BILINEAR))
-        top, left = round((nh - size) / 2.0), round((nw - size) / 2.0)
+        top, left = center_crop_offsets(nh, nw, size)
         crop = img[top : top + size, left : left + size]
         channels = [np.ascontiguousarray(crop[..., c]) for c in range(3)]
         gain = np.ones(3, np.float32)
@@ -142,24 +142,16 @@ class OnnxLite:
         self.meta: dict[str, Any] = stamp["meta"]  # the heads' provenance (model card)
         self.calibration: dict[str, Any] = dict(self.meta.get("calibration") or {})
         self._pre = stamp["preprocess"]
-        self._mean = np.asarray(self._pre["mean"], np.float32)
-        self._std = np.asarray(self._pre["std"], np.float32)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        if THREADS[0]:
-            opts.intra_op_num_threads = THREADS[0]
+        if INFERENCE_THREADS[0]:
+            opts.intra_op_num_threads = INFERENCE_THREADS[0]
         self._session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
         self._torch: Any = None
 
     # -- what the engine serves ------------------------------------------------------------
     def preprocess_np(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        return preprocess(
-            check_images(images),
-            self._pre["image_size"],
-            self._mean,
-            self._std,
-            self._pre["colour_constancy"],
-        )
+        return _preprocess_as(self._pre, check_images(images))
 
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Preprocessed (N, 3, S, S) → (features (N, image_dim), embeddings (N, dim))."""
@@ -186,9 +178,9 @@ class OnnxLite:
     def torch_encoder(self) -> Any:
         with _LOCK:
             if self._torch is None:
-                from medlens.models.registry import load_torch_encoder
+                from medlens.models.registry import load_encoder
 
-                self._torch = load_torch_encoder(self.name, device=self.device)
+                self._torch = load_encoder(self.name, device=self.device)
             return self._torch
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
@@ -277,7 +269,7 @@ def export(enc: Any, name: str, cache_dir: Path) -> OnnxLite | None:
     fd, tmp = tempfile.mkstemp(prefix=".lite.", suffix=".onnx", dir=graph.parent)
     os.close(fd)
     try:
-        inp = preprocess(probe, pre["image_size"], *_arrays(pre), pre["colour_constancy"])
+        inp = _preprocess_as(pre, probe)
         with torch.inference_mode():
             want = [t.numpy() for t in net(torch.from_numpy(inp))]
         with warnings.catch_warnings():  # the TorchScript exporter's deprecation notices
@@ -314,7 +306,7 @@ def export(enc: Any, name: str, cache_dir: Path) -> OnnxLite | None:
             return None
         stamp["max_abs_diff"] = err
         os.replace(tmp, graph)
-        _write_atomic(stamp_file, json.dumps(stamp, indent=1))
+        write_private(stamp_file, json.dumps(stamp, indent=1).encode())
     except (ModelUnavailable, OSError, RuntimeError, ValueError) as exc:
         log.warning("ONNX export of %s failed (%s); using torch", name, exc)
         return None
@@ -325,12 +317,7 @@ def export(enc: Any, name: str, cache_dir: Path) -> OnnxLite | None:
     return engine
 
 
-def _arrays(pre: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    return np.asarray(pre["mean"], np.float32), np.asarray(pre["std"], np.float32)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+def _preprocess_as(pre: dict[str, Any], images: Sequence[np.ndarray]) -> np.ndarray:
+    """``preprocess`` with a stamp's recorded parameters."""
+    mean, std = (np.asarray(pre[k], np.float32) for k in ("mean", "std"))
+    return preprocess(images, pre["image_size"], mean, std, pre["colour_constancy"])

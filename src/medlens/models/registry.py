@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medlens.errors import ConfigError
-from medlens.models._util import looks_like_path, tune_allocator
+from medlens.models._util import INFERENCE_THREADS, looks_like_path, tune_allocator
 from medlens.models.base import Encoder
 
 if TYPE_CHECKING:
@@ -151,12 +151,9 @@ def load_encoder(name: str = "lite", *, device: str = "cpu") -> Encoder:
 
 def _tune_allocator() -> None:
     """Inference is about to run in this process: let batches reuse freed memory."""
-    from medlens.config import Settings
+    from medlens.config import get_settings
 
-    tune_allocator(Settings().malloc_tuning)
-
-
-_THREADS: list[int | None] = [None]
+    tune_allocator(get_settings().malloc_tuning)
 
 
 def set_inference_threads(n: int) -> None:
@@ -165,16 +162,9 @@ def set_inference_threads(n: int) -> None:
     is (an analysis on the ONNX engine may never need it)."""
     import sys
 
-    from medlens.models import onnx_lite
-
-    _THREADS[0] = onnx_lite.THREADS[0] = n
+    INFERENCE_THREADS[0] = n
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
-
-
-def load_torch_encoder(name: str = "lite", *, device: str = "cpu") -> Encoder:
-    """``load_encoder``'s torch model (what ``models.onnx_lite`` delegates to)."""
-    return load_encoder(name, device=device)
 
 
 def load_analysis_encoder(name: str, *, device: str, cache_dir: Path, onnx: bool) -> Encoder:
@@ -221,10 +211,10 @@ def _load_classifier_cached(target: str, name: str, device: str) -> TxvClassifie
 
 @lru_cache(maxsize=8)
 def _load_cached(spec: ModelSpec, name: str, device: str) -> Encoder:
-    if _THREADS[0]:
+    if INFERENCE_THREADS[0]:
         import torch
 
-        torch.set_num_threads(_THREADS[0])  # before the first forward (set_inference_threads)
+        torch.set_num_threads(INFERENCE_THREADS[0])  # before the first forward
     return _load(spec, name, device)
 
 
